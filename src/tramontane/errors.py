@@ -1,0 +1,55 @@
+"""One exception hierarchy for everything tramontane raises on bad input.
+
+Every message says what is wrong and what to do about it. Internal invariants use asserts;
+allowed-but-unsafe settings use warnings (see `TramontaneWarning`).
+"""
+
+from __future__ import annotations
+
+
+class TramontaneError(Exception):
+    """Base class of every error tramontane raises on purpose."""
+
+
+class ConfigError(TramontaneError, ValueError):
+    """A configuration (params.json, config.json, a dataclass argument) is invalid or incomplete."""
+
+
+class CheckpointError(TramontaneError):
+    """A checkpoint directory or file is missing, ambiguous, truncated or does not match the model."""
+
+
+class TokenizerError(TramontaneError):
+    """A tokenizer file cannot be found or loaded, or a request cannot be encoded."""
+
+
+class GenerationError(TramontaneError, ValueError):
+    """A generation request is invalid (empty prompt, prompt too long, bad sampling parameters)."""
+
+
+class PrivacyError(TramontaneError):
+    """Base class of errors about differential-privacy parameters and budgets."""
+
+
+class PrivacyParameterError(PrivacyError, ValueError):
+    """A privacy parameter is out of range (sampling rate, noise multiplier, delta, epsilon, steps)."""
+
+
+class PrivacyBudgetError(PrivacyError):
+    """An operation would spend more privacy budget than was allowed; nothing was spent."""
+
+
+class UnsupportedModuleError(TramontaneError):
+    """A module cannot be trained with per-example clipping (e.g. it mixes examples, like BatchNorm)."""
+
+
+class SchemaError(TramontaneError, ValueError):
+    """Tabular data does not match its public schema, or a schema is malformed."""
+
+
+class DataError(TramontaneError, ValueError):
+    """Input data cannot be read (empty, wrong encoding, unreadable file)."""
+
+
+class TramontaneWarning(UserWarning):
+    """Allowed-but-unsafe settings: a fixed noise seed, non-Poisson sampling, non-DP schema inference."""

@@ -1,0 +1,104 @@
+"""The dense building blocks of a Mistral decoder layer: RMSNorm, grouped-query attention, SwiGLU FFN.
+
+Module and parameter names follow the consolidated checkpoints (`wq wk wv wo`, `w1 w2 w3`), so weights load
+without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tramontane.models.args import ModelArgs
+from tramontane.models.cache import CacheStep, KVCache
+from tramontane.models.rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; the statistics are computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def attention_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S]: key j is visible to query i iff it is a real token (position >= 0), not
+    in the future, and among the `sliding_window` most recent positions (the query itself included).
+
+    Padding queries (position < 0) see nothing real; they are let see themselves (the caller puts the
+    chunk's own keys last) so that softmax stays finite. Their outputs are never read.
+    """
+    q = query_positions[:, :, None]  # B T 1
+    k = key_positions[:, None, :]  # B 1 S
+    visible = (k >= 0) & (k <= q)
+    if sliding_window is not None:
+        visible &= k > q - sliding_window
+    t = query_positions.shape[1]
+    pad_query = (query_positions < 0)[:, :, None] & torch.eye(t, dtype=torch.bool, device=q.device)
+    visible[:, :, -t:] |= pad_query
+    return visible[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional sliding window."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]."""
+        b, t, _ = x.shape
+        q = apply_rotary(self.wq(x).view(b, t, self.n_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rotary(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B H T D, B K T D
+        if ctx.cache is not None:
+            assert ctx.cache_step is not None and ctx.layer is not None
+            k, v = ctx.cache.update(ctx.layer, k, v, ctx.cache_step)
+        if ctx.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward call shares: rotary tables, mask and cache plan."""
+
+    cos: torch.Tensor  # B T 1 D/2
+    sin: torch.Tensor  # B T 1 D/2
+    mask: torch.Tensor | None  # B 1 T S boolean; None: plain causal attention over the chunk is exact
+    cache: KVCache | None = None
+    cache_step: CacheStep | None = None
+    layer: int | None = None
