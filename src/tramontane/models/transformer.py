@@ -63,20 +63,23 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab].
 
         `positions` [B, T] gives each token's absolute position; negative positions mark left padding,
-        which is never attended to. Default: 0..T-1 (or continuing after what `cache` holds is the
-        caller's business: with a cache, pass positions explicitly).
+        which is never attended to. Default 0..T-1; with a cache, pass them explicitly.
+        `embeddings` [B, T, dim], when given, replaces the token embeddings (multimodal models splice image
+        or audio features into them); `tokens` then only gives the shape.
         """
-        return self.output(self.hidden_states(tokens, positions, cache))
+        return self.output(self.hidden_states(tokens, positions, cache, embeddings))
 
     def hidden_states(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states [B, T, dim] (the input of the output head)."""
         b, t = tokens.shape
@@ -93,7 +96,7 @@ class Transformer(nn.Module):
         else:
             step = cache.plan(positions)
             ctx = AttentionContext(cos, sin, attention_mask(positions, step.key_positions, window), cache, step)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         for i, layer in enumerate(self.layers):
             h = layer(h, replace(ctx, layer=i) if cache is not None else ctx)
         if cache is not None:
