@@ -85,10 +85,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             assert ctx.cache_step is not None and ctx.layer is not None
             k, v = ctx.cache.update(ctx.layer, k, v, ctx.cache_step)
-        if ctx.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -98,7 +95,8 @@ class AttentionContext:
 
     cos: torch.Tensor  # B T 1 D/2
     sin: torch.Tensor  # B T 1 D/2
-    mask: torch.Tensor | None  # B 1 T S boolean; None: plain causal attention over the chunk is exact
+    mask: torch.Tensor | None  # B 1 T S boolean, or None when `causal` (or nothing) says it all
+    causal: bool = False  # SDPA's own causal mask over the chunk (keys = the chunk's own keys only)
     cache: KVCache | None = None
     cache_step: CacheStep | None = None
     layer: int | None = None

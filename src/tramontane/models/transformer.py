@@ -89,13 +89,23 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = rotary_angles(positions.clamp(min=0), self.inverse_frequencies(tokens.device))
         window = self.args.sliding_window
+        no_padding = bool((positions >= 0).all())
         if cache is None:
-            plain_causal = (window is None or t <= window) and bool((positions >= 0).all())
-            mask = None if plain_causal else attention_mask(positions, positions, window)
-            ctx = AttentionContext(cos, sin, mask)
+            # Without padding and within the window, SDPA's built-in causal mask is exact and faster.
+            causal = no_padding and (window is None or t <= window)
+            mask = None if causal else attention_mask(positions, positions, window)
+            ctx = AttentionContext(cos, sin, mask, causal)
         else:
             step = cache.plan(positions)
-            ctx = AttentionContext(cos, sin, attention_mask(positions, step.key_positions, window), cache, step)
+            if step.write_first and bool((step.key_positions >= 0).all()):
+                # One new token per sequence over a full cache: every cached key is real, in the past and
+                # (rolling buffer of size <= window) inside the window, so nothing needs masking.
+                mask, causal = None, False
+            elif step.read_len == 0 and no_padding and (window is None or t <= window):
+                mask, causal = None, True
+            else:
+                mask, causal = attention_mask(positions, step.key_positions, window), False
+            ctx = AttentionContext(cos, sin, mask, causal, cache, step)
         h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         for i, layer in enumerate(self.layers):
             h = layer(h, replace(ctx, layer=i) if cache is not None else ctx)

@@ -1,0 +1,641 @@
+"""Load and save Mistral-family checkpoints in the consolidated (mistral-inference) and Hugging Face formats.
+
+Consolidated: `params.json` + `consolidated.safetensors` (or `consolidated*.safetensors` shards), tensor
+names exactly those of `Transformer.state_dict()`. Hugging Face: `config.json` + `model.safetensors` (or
+shards listed in `model.safetensors.index.json`), MistralForCausalLM / MixtralForCausalLM names.
+
+Two traps live here and nowhere else:
+- rotary layout: consolidated checkpoints rotate adjacent feature pairs (2i, 2i+1), HF rotates (i, i + D/2).
+  The HF conversion scripts permute the rows of `wq` (per query head) and `wk` (per kv head) so both give the
+  same network; we apply the inverse permutation when loading HF weights and the forward one when saving.
+- Mixtral experts: `save_pretrained` (transformers 4.x and 5.x) writes one tensor per expert under
+  `block_sparse_moe`; transformers 5.x's runtime module (and so a raw `state_dict()` dump) fuses them into
+  `mlp.experts.gate_up_proj` [E, 2*hidden, D] (gate rows first) and `mlp.experts.down_proj` [E, D, hidden].
+  Both are read; the per-expert layout is written.
+
+Loading builds the model on the meta device and assigns the tensors read from disk, so weights are never held
+twice. Every name and shape is checked against the model before any tensor data is read. Saving writes into a
+temporary directory next to the target and renames it, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tramontane.errors import CheckpointError, ConfigError
+from tramontane.models.args import DEFAULT_ROPE_THETA, ModelArgs, MoeArgs
+from tramontane.models.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["consolidated", "hf"]
+FORMATS: tuple[str, ...] = ("consolidated", "hf")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "half": "float16"}
+# safetensors dtype tags we accept; anything else (int8, fp8, ...) is a quantized checkpoint.
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+}
+
+_HF_ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+# What transformers' MistralConfig / MixtralConfig assume for an absent key, so we build the network
+# transformers would build; each use is logged. Sizes have no sensible default and are required.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+                "rope_theta": DEFAULT_ROPE_THETA, "tie_word_embeddings": False},
+    "mixtral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "sliding_window": None, "rope_theta": 1e6,
+                "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2},
+}
+_HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_MAX_LISTED = 10
+# transformers 5.x runtime Mixtral names (fused experts), as found in raw state_dict dumps
+_FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def load_model(
+    path: str | Path,
+    *,
+    format: Format | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Transformer, ModelArgs]:
+    """Load a checkpoint directory (format detected unless given) into a `Transformer` on `device`.
+
+    `dtype` None keeps the checkpoint's dtype (that of its embedding tensor). Raises `CheckpointError` for
+    missing/ambiguous/corrupt files or tensors that do not match the config, `ConfigError` for a bad config.
+    """
+    path = Path(path)
+    fmt = detect_format(path, format)
+    args = load_args(path, format=fmt)
+    state = read_state_dict(path, args, format=fmt, dtype=dtype, device=device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tied_embeddings:  # assign=True wrapped the shared tensor in two Parameters: tie them again
+        model.output.weight = model.tok_embeddings.weight
+    assert not any(t.is_meta for t in model.state_dict().values())
+    return model, args
+
+
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    format: Format = "consolidated",
+    dtype: torch.dtype | str | None = None,
+    args: ModelArgs | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (a `Transformer`, or any module with its state-dict names) as a checkpoint directory.
+
+    consolidated: params.json + consolidated.safetensors; hf: config.json + model.safetensors, loadable by
+    transformers' `MistralForCausalLM` / `MixtralForCausalLM`. `args` defaults to `model.args`; `dtype` None
+    keeps the model's dtype. The directory appears complete or not at all. An existing non-empty directory
+    is refused unless `overwrite=True`, which replaces the whole directory (tokenizer files included).
+    """
+    fmt = _check_format(format)
+    if args is None:
+        args = getattr(model, "args", None)
+        if not isinstance(args, ModelArgs):
+            raise ConfigError("save_model needs `args=ModelArgs(...)` for a module without `.args`")
+    state = model.state_dict()
+    _check_tensors({k: tuple(v.shape) for k, v in state.items()}, _expected_shapes(args),
+                   f"the model does not match its ModelArgs ({_describe(args)})")
+    target_dtype = _resolve_dtype(dtype) or state["tok_embeddings.weight"].dtype
+    if target_dtype not in _DTYPES.values():
+        raise ConfigError(f"cannot save dtype {target_dtype}; pass dtype= one of {sorted(_DTYPES)}")
+    dtype_name = next(k for k, v in _DTYPES.items() if v == target_dtype)
+    tensors = {k: v.detach().to("cpu", target_dtype).contiguous() for k, v in state.items()}
+    if args.tied_embeddings:  # one tensor on disk; safetensors refuses shared storage anyway
+        del tensors["output.weight"]
+    if fmt == "hf":
+        tensors = consolidated_to_hf(tensors, args)
+        files = {"config.json": args_to_hf_config(args, dtype_name), "model.safetensors": tensors}
+    else:
+        files = {"params.json": args.to_params(), "consolidated.safetensors": tensors}
+    return _write_dir_atomically(Path(path), files, overwrite)
+
+
+def detect_format(path: str | Path, format: Format | None = None) -> Format:
+    """"consolidated" (params.json) or "hf" (config.json); a directory holding both needs `format=`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds it")
+    has = {"consolidated": (path / "params.json").is_file(), "hf": (path / "config.json").is_file()}
+    if format is not None:
+        fmt = _check_format(format)
+        if not has[fmt]:
+            config = "params.json" if fmt == "consolidated" else "config.json"
+            raise CheckpointError(f"format={fmt!r} but {path} has no {config}")
+        return fmt
+    if has["consolidated"] and has["hf"]:
+        raise CheckpointError(
+            f"{path} holds both a consolidated checkpoint (params.json) and a Hugging Face one "
+            "(config.json); pass format='consolidated' or format='hf' to choose"
+        )
+    if has["consolidated"]:
+        return "consolidated"
+    if has["hf"]:
+        return "hf"
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it has neither params.json (consolidated format) nor config.json "
+        "(Hugging Face format)"
+    )
+
+
+def load_args(path: str | Path, *, format: Format | None = None) -> ModelArgs:
+    """The `ModelArgs` of a checkpoint directory, from params.json or config.json."""
+    path = Path(path)
+    fmt = detect_format(path, format)
+    if fmt == "consolidated":
+        args = ModelArgs.load(path / "params.json")
+        if args.extra.get("quantization"):
+            raise ConfigError(f"{path / 'params.json'} describes a quantized checkpoint; not supported")
+        return args
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path / 'config.json'} must hold a JSON object")
+    return args_from_hf_config(config)
+
+
+def read_state_dict(
+    path: str | Path,
+    args: ModelArgs,
+    *,
+    format: Format | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors under consolidated names (HF weights renamed and un-permuted).
+
+    Names and shapes are checked against `Transformer(args)` before any data is read. With tied embeddings
+    `output.weight` is the same tensor as `tok_embeddings.weight` (a stored copy of the head is ignored).
+    """
+    path = Path(path)
+    fmt = detect_format(path, format)
+    files = _weight_files(path, fmt)
+    entries = _scan(files)
+    plan = _consolidated_plan(args) if fmt == "consolidated" else _hf_plan(args, entries)
+    head = "output.weight" if fmt == "consolidated" else "lm_head.weight"
+    ignored = {head} if args.tied_embeddings else set()
+    # old transformers versions saved the (recomputed, never loaded) rotary tables
+    ignored |= {k for k in entries if k.endswith("rotary_emb.inv_freq")}
+    _check_tensors({k: e.shape for k, e in entries.items() if k not in ignored},
+                   {k: s.shape for k, s in plan.items()},
+                   f"checkpoint {path} does not match its config ({_describe(args)})")
+    for name in plan:
+        if entries[name].dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} in {entries[name].file} has dtype {entries[name].dtype}; quantized or "
+                "non-floating checkpoints are not supported (save it in float32, bfloat16 or float16)"
+            )
+    embed = "tok_embeddings.weight" if fmt == "consolidated" else "model.embed_tokens.weight"
+    target = _resolve_dtype(dtype) or _SAFETENSORS_DTYPES[entries[embed].dtype]
+    device = torch.device(device)
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(entries[name].file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as st:
+                for name in names:
+                    tensor = st.get_tensor(name).to(device=device, dtype=target)
+                    state.update(plan[name].convert(tensor))
+        except (SafetensorError, OSError) as err:
+            raise _unreadable(file, err) from None
+    if args.tied_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+# --------------------------------------------------------------------------------- HF config <-> ModelArgs
+
+
+def args_from_hf_config(config: dict[str, Any]) -> ModelArgs:
+    """`ModelArgs` from a transformers `config.json` (MistralForCausalLM or MixtralForCausalLM, 4.x or 5.x).
+
+    Absent optional keys take the defaults transformers' config classes use, with a logged warning; in
+    particular a missing RoPE theta is 1e4 for Mistral and 1e6 for Mixtral, as in transformers.
+    """
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type is None and len(archs) == 1:
+        model_type = {v: k for k, v in _HF_ARCHITECTURES.items()}.get(archs[0])
+    supported = f"supported: {sorted(_HF_ARCHITECTURES.values())}"
+    if model_type not in _HF_ARCHITECTURES:
+        raise ConfigError(
+            f"config.json model_type {model_type!r} (architectures {archs}) is not supported; {supported}"
+        )
+    if archs and list(archs) != [_HF_ARCHITECTURES[model_type]]:
+        raise ConfigError(
+            f"config.json architectures {archs} is not supported for model_type {model_type!r}; {supported}"
+        )
+    if config.get("quantization_config"):
+        raise ConfigError("config.json describes a quantized checkpoint (quantization_config); not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json hidden_act {config['hidden_act']!r} is not supported (Mistral: silu)")
+    missing = [k for k in _HF_REQUIRED if config.get(k) is None]
+    if missing:
+        raise ConfigError(f"config.json is missing required key(s) {missing}")
+
+    defaults = _HF_DEFAULTS[model_type]
+
+    def get(key: str) -> Any:
+        if key in config:
+            return config[key]
+        logger.warning("config.json has no %r; using transformers' %s default %r",
+                       key, model_type, defaults[key])
+        return defaults[key]
+
+    moe = None
+    if model_type == "mixtral":
+        moe = MoeArgs(num_experts=get("num_local_experts"), num_experts_per_tok=get("num_experts_per_tok"))
+    extra = {}
+    if config.get("max_position_embeddings") is not None:
+        extra["max_position_embeddings"] = config["max_position_embeddings"]
+    return ModelArgs(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        hidden_dim=config["intermediate_size"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=get("num_key_value_heads") or config["num_attention_heads"],
+        norm_eps=get("rms_norm_eps"),
+        vocab_size=config["vocab_size"],
+        rope_theta=_hf_rope_theta(config, model_type),
+        sliding_window=get("sliding_window"),
+        moe=moe,
+        tied_embeddings=bool(get("tie_word_embeddings")),
+        extra=extra,
+    )
+
+
+def args_to_hf_config(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, Any]:
+    """A `config.json` dict that transformers 4.x and 5.x load as MistralForCausalLM / MixtralForCausalLM."""
+    model_type = "mixtral" if args.moe is not None else "mistral"
+    config: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "intermediate_size": args.hidden_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "hidden_act": "silu",
+        "rope_theta": args.rope_theta,  # 4.x reads this key ...
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},  # ... 5.x this one
+        "sliding_window": args.sliding_window,
+        "tie_word_embeddings": args.tied_embeddings,
+        "dtype": dtype,  # 5.x name
+        "torch_dtype": dtype,  # 4.x name
+    }
+    max_pos = args.extra.get("max_position_embeddings") or args.extra.get("max_seq_len")
+    if max_pos:
+        config["max_position_embeddings"] = max_pos
+    if args.moe is not None:
+        config["num_local_experts"] = args.moe.num_experts
+        config["num_experts_per_tok"] = args.moe.num_experts_per_tok
+    return config
+
+
+def _hf_rope_theta(config: dict[str, Any], model_type: str) -> float:
+    rope = config.get("rope_parameters")  # 5.x: {"rope_type": ..., "rope_theta": ...}
+    if rope is None:
+        rope = dict(config.get("rope_scaling") or {})  # 4.x: scaling only, theta at the top level
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError(f"config.json rope parameters {rope!r} are not supported (one default RoPE only)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"config.json RoPE type {rope_type!r} is not supported (only 'default' RoPE)")
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    if theta is None:
+        theta = _HF_DEFAULTS[model_type]["rope_theta"]
+        logger.warning("config.json has no rope_theta; using transformers' %s default %g", model_type, theta)
+    return float(theta)
+
+
+# -------------------------------------------------------------------------- HF names and the q/k permutation
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of wq/wk, per head, from adjacent-pair rotary layout to HF's rotate-half layout."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute_to_hf`: HF rotate-half rows of wq/wk back to adjacent pairs."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_names(args: ModelArgs) -> dict[str, str]:
+    """Consolidated name -> HF name, Mixtral experts in the per-expert layout `save_pretrained` writes."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    for i in range(args.n_layers):
+        c, h = f"layers.{i}.", f"model.layers.{i}."
+        names |= {
+            c + "attention.wq.weight": h + "self_attn.q_proj.weight",
+            c + "attention.wk.weight": h + "self_attn.k_proj.weight",
+            c + "attention.wv.weight": h + "self_attn.v_proj.weight",
+            c + "attention.wo.weight": h + "self_attn.o_proj.weight",
+            c + "attention_norm.weight": h + "input_layernorm.weight",
+            c + "ffn_norm.weight": h + "post_attention_layernorm.weight",
+        }
+        if args.moe is None:
+            names |= {c + "feed_forward.w1.weight": h + "mlp.gate_proj.weight",
+                      c + "feed_forward.w2.weight": h + "mlp.down_proj.weight",
+                      c + "feed_forward.w3.weight": h + "mlp.up_proj.weight"}
+        else:
+            names[c + "feed_forward.gate.weight"] = h + "block_sparse_moe.gate.weight"
+            for e in range(args.moe.num_experts):
+                for w in ("w1", "w2", "w3"):
+                    names[f"{c}feed_forward.experts.{e}.{w}.weight"] = (
+                        f"{h}block_sparse_moe.experts.{e}.{w}.weight"
+                    )
+    return names
+
+
+def _qk_heads(name: str, args: ModelArgs) -> int | None:
+    """Heads to permute over for a consolidated name (None: not a rotary projection)."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def consolidated_to_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Rename to HF and permute wq/wk rows (per-expert Mixtral layout)."""
+    names = hf_names(args)
+    out = {}
+    for name, tensor in tensors.items():
+        heads = _qk_heads(name, args)
+        out[names[name]] = tensor if heads is None else permute_to_hf(tensor, heads)
+    return out
+
+
+def hf_to_consolidated(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Inverse of `consolidated_to_hf`; also reads the fused Mixtral expert layout of transformers 5.x."""
+    plan = _hf_plan(args, tensors)
+    _check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, {k: s.shape for k, s in plan.items()},
+                   "HF tensors do not match the config")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        out |= plan[name].convert(tensor)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ load plans
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One tensor on disk: its expected shape and how it becomes consolidated tensors."""
+
+    shape: tuple[int, ...]
+    convert: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _consolidated_plan(args: ModelArgs) -> dict[str, _Source]:
+    expected = _expected_shapes(args)
+    if args.tied_embeddings:
+        del expected["output.weight"]
+    return {k: _Source(shape, lambda t, k=k: {k: t}) for k, shape in expected.items()}
+
+
+def _hf_plan(args: ModelArgs, on_disk: Iterable[str]) -> dict[str, _Source]:
+    expected = _expected_shapes(args)
+    if args.tied_embeddings:
+        del expected["output.weight"]
+    names = hf_names(args)
+    fused = args.moe is not None and any(_FUSED_EXPERTS.search(k) for k in on_disk)
+    plan = {}
+    for name, shape in expected.items():
+        if fused and ".feed_forward." in name:
+            continue
+        heads = _qk_heads(name, args)
+        if heads is None:
+            plan[names[name]] = _Source(shape, lambda t, k=name: {k: t})
+        else:
+            plan[names[name]] = _Source(shape, lambda t, k=name, n=heads: {k: permute_from_hf(t, n)})
+    if fused:
+        assert args.moe is not None
+        n_exp, dim, hidden = args.moe.num_experts, args.dim, args.hidden_dim
+        for i in range(args.n_layers):
+            c, h = f"layers.{i}.feed_forward.", f"model.layers.{i}.mlp."
+            plan[h + "gate.weight"] = _Source((n_exp, dim), lambda t, c=c: {c + "gate.weight": t})
+            # clone: each expert gets its own storage, so the fused tensor is freed and saving works
+            plan[h + "experts.gate_up_proj"] = _Source((n_exp, 2 * hidden, dim), lambda t, c=c: {
+                f"{c}experts.{e}.{w}.weight": part.clone()
+                for e in range(n_exp) for w, part in (("w1", t[e, :hidden]), ("w3", t[e, hidden:]))})
+            plan[h + "experts.down_proj"] = _Source((n_exp, dim, hidden), lambda t, c=c: {
+                f"{c}experts.{e}.w2.weight": t[e].clone() for e in range(n_exp)})
+    return plan
+
+
+def _check_tensors(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str
+) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    wrong = [f"{k} expected shape {list(expected[k])}, found {list(found[k])}"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s) {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape(s): {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+def _describe(args: ModelArgs) -> str:
+    moe = f", {args.moe.num_experts} experts" if args.moe is not None else ""
+    return (f"dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
+            f"n_kv_heads={args.n_kv_heads}, head_dim={args.head_dim}, hidden_dim={args.hidden_dim}, "
+            f"vocab_size={args.vocab_size}{moe}")
+
+
+# ------------------------------------------------------------------------------------------------------ files
+
+
+def _weight_files(path: Path, fmt: Format) -> list[Path]:
+    stem = "consolidated" if fmt == "consolidated" else "model"
+    index = path / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shard file(s) that do not exist: {absent}")
+        return files
+    if (path / f"{stem}.safetensors").is_file():
+        return [path / f"{stem}.safetensors"]
+    shards = sorted(path.glob(f"{stem}*.safetensors"))
+    if shards:
+        return shards
+    pickled = sorted(p.name for p in path.iterdir()
+                     if (p.name.startswith("consolidated") and p.suffix in (".pth", ".pt"))
+                     or (p.name.startswith("pytorch_model") and p.suffix == ".bin"))
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds only pickled weights {pickled}; pickled checkpoints are not loaded (unpickling "
+            "can run arbitrary code). Convert them to safetensors first (safetensors.torch.save_file)"
+        )
+    raise CheckpointError(
+        f"{path} has no weights: expected {stem}.safetensors (or {stem}*.safetensors shards)"
+    )
+
+
+def _scan(files: list[Path]) -> dict[str, _Entry]:
+    """Names, shapes and dtypes of every tensor in `files`, from the headers only (no data is read)."""
+    entries: dict[str, _Entry] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as st:
+                for name in st.keys():
+                    view = st.get_slice(name)
+                    if name in entries:
+                        raise CheckpointError(
+                            f"tensor {name!r} appears in both {entries[name].file} and {file}; shards must "
+                            "hold disjoint tensors (tensor-parallel shards are not supported)"
+                        )
+                    entries[name] = _Entry(file, tuple(view.get_shape()), view.get_dtype())
+        except (SafetensorError, OSError) as err:
+            raise _unreadable(file, err) from None
+    return entries
+
+
+def _write_dir_atomically(path: Path, files: dict[str, Any], overwrite: bool) -> Path:
+    """Write `files` (name -> JSON dict or tensor dict) into a sibling temp dir, then rename it to `path`."""
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} exists and is not a directory")
+        if any(path.iterdir()) and not overwrite:
+            raise CheckpointError(f"{path} is not empty; save into a new directory or pass overwrite=True "
+                                  "(which replaces the whole directory)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: that would make the checkpoint 0700
+    try:
+        file_mode = tmp.stat().st_mode & 0o666  # the umask applied; the safetensors writer makes files 0600
+        for name, content in files.items():
+            if name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            else:
+                save_file(content, str(tmp / name), metadata={"format": "pt"})
+            os.chmod(tmp / name, file_mode)
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------------ misc
+
+
+def _unreadable(file: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read {file}: {err}; the file may be truncated or corrupt (re-download or "
+                           "re-save it)")
+
+
+def _check_format(format: str) -> Format:
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    return format  # type: ignore[return-value]
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype, dtype.removeprefix("torch."))
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} (or a torch dtype of those), got {dtype!r}")
+
+
+__all__ = [
+    "FORMATS", "Format", "args_from_hf_config", "args_to_hf_config", "consolidated_to_hf", "detect_format",
+    "hf_names", "hf_to_consolidated", "load_args", "load_model", "permute_from_hf", "permute_to_hf",
+    "read_state_dict", "save_model",
+]
