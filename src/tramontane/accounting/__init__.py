@@ -1,0 +1,65 @@
+"""Privacy accounting: events, an append-only ledger, accountants, noise calibration and TAN.
+
+Imports no torch (dp-accounting and numpy only), so checkpoints, reports and the CLI can account without
+a GPU stack. `events` records what was released, `accountants` turns it into (epsilon, delta) on top of
+dp-accounting (RDP by default, PLD on request) and calibrates noise, `tan` implements Sander, Stock and
+Sablayrolles, "TAN without a burn: scaling laws of DP-SGD" (arXiv 2210.03403).
+"""
+
+from tramontane.accounting.accountants import (
+    ACCOUNTANTS,
+    DEFAULT_PLD_DISCRETIZATION,
+    RDP_ORDERS,
+    Accountant,
+    LedgerLike,
+    NoiseCalibration,
+    PrivacySpent,
+    calibrate_noise_multiplier,
+    delta,
+    epsilon,
+    privacy_spent,
+    rdp_curve,
+)
+from tramontane.accounting.events import (
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    DpSgdEvent,
+    EpsilonDeltaEvent,
+    GaussianEvent,
+    PrivacyEvent,
+    PrivacyLedger,
+    event_from_dict,
+)
+from tramontane.accounting.tan import (
+    PRIVACY_WALL_SIGMA,
+    SIMULATION_LABEL,
+    SWEET_SPOT_SIGMA,
+    DpSgdSetting,
+    SimulatedSetting,
+    TanPlan,
+    TanReport,
+    epochs_for_steps,
+    eps_tan,
+    eta,
+    eta_for_eps_tan,
+    eta_step,
+    noise_multiplier_for_batch,
+    plan_constant_tan,
+    scale_batch_and_noise,
+    scale_batch_and_steps,
+    simulated_setting,
+    tan_report,
+    total_amount_of_noise,
+)
+
+__all__ = [
+    "ACCOUNTANTS", "DEFAULT_PLD_DISCRETIZATION", "LEDGER_FORMAT", "LEDGER_VERSION", "PRIVACY_WALL_SIGMA",
+    "RDP_ORDERS", "SIMULATION_LABEL", "SWEET_SPOT_SIGMA",
+    "Accountant", "DpSgdEvent", "DpSgdSetting", "EpsilonDeltaEvent", "GaussianEvent", "LedgerLike",
+    "NoiseCalibration", "PrivacyEvent", "PrivacyLedger", "PrivacySpent", "SimulatedSetting", "TanPlan",
+    "TanReport",
+    "calibrate_noise_multiplier", "delta", "epochs_for_steps", "eps_tan", "epsilon", "eta", "eta_for_eps_tan",
+    "eta_step", "event_from_dict", "noise_multiplier_for_batch", "plan_constant_tan", "privacy_spent",
+    "rdp_curve", "scale_batch_and_noise", "scale_batch_and_steps", "simulated_setting", "tan_report",
+    "total_amount_of_noise",
+]
