@@ -133,6 +133,117 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+# -- privacy accounting -----------------------------------------------------------------------------------
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    """epsilon from (q, sigma, S, delta), or sigma calibrated for (epsilon, delta, q, S)."""
+    import warnings
+
+    from tramontane import accounting
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.noise_multiplier is not None:
+            if args.epsilon is not None:
+                raise TramontaneError("give either --noise-multiplier (to get epsilon) or --epsilon (to get "
+                                      "the noise multiplier), not both")
+            report = accounting.tan_report(args.sample_rate, args.noise_multiplier, args.steps, args.delta,
+                                           accountant=args.accountant)
+            result = {"epsilon": report.epsilon, "delta": args.delta, "accountant": report.accountant,
+                      "sample_rate": args.sample_rate, "noise_multiplier": args.noise_multiplier,
+                      "steps": args.steps, "eta": report.eta, "total_amount_of_noise": report.total_amount_of_noise,
+                      "epsilon_tan": report.epsilon_tan, "epsilon_over_epsilon_tan": report.ratio,
+                      "overcharged": report.overcharged}
+        elif args.epsilon is not None:
+            cal = accounting.calibrate_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.steps,
+                                                        accountant=args.accountant)
+            e = accounting.eta(args.sample_rate, cal.noise_multiplier, args.steps)
+            result = {"noise_multiplier": cal.noise_multiplier, "epsilon": cal.epsilon,
+                      "target_epsilon": args.epsilon, "delta": args.delta, "accountant": cal.accountant,
+                      "sample_rate": args.sample_rate, "steps": args.steps, "eta": e,
+                      "epsilon_tan": accounting.eps_tan(e, args.delta)}
+        else:
+            raise TramontaneError("give --noise-multiplier SIGMA to get epsilon, or --epsilon E to calibrate sigma")
+    notes = [str(w.message) for w in caught]
+    if args.json:
+        print(json.dumps({**result, "warnings": notes}))
+    else:
+        _print_table(f"privacy of a Poisson-sampled Gaussian mechanism ({result['accountant']} accountant)",
+                     [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in result.items()])
+        for note in notes:
+            _stderr().print(f"[yellow]warning:[/yellow] {note}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """(batch, sigma) at constant TAN for a target budget, plus the non-private small-batch simulation."""
+    import warnings
+
+    from tramontane import accounting
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = accounting.plan_constant_tan(args.dataset_size, args.epsilon, args.delta, args.steps,
+                                            batch_size_ref=args.reference_batch,
+                                            simulated_batch_size=args.simulated_batch, accountant=args.accountant)
+    ref = plan.reference
+    result = {"private_run": {"batch_size": ref.batch_size, "noise_multiplier": ref.noise_multiplier,
+                              "steps": ref.steps, "sample_rate": ref.sample_rate, "epochs": ref.epochs,
+                              "epsilon": plan.epsilon, "delta": plan.delta, "accountant": plan.accountant,
+                              "eta": ref.eta, "epsilon_tan": plan.epsilon_tan}}
+    if plan.simulated is not None:
+        sim = plan.simulated
+        result["simulation"] = {"batch_size": sim.batch_size, "noise_multiplier": sim.noise_multiplier,
+                                "steps": sim.steps, "epochs": sim.epochs, "private": sim.private,
+                                "label": sim.label}
+    notes = [str(w.message) for w in caught]
+    if args.json:
+        print(json.dumps({**result, "warnings": notes}))
+    else:
+        _print_table(f"private run at epsilon <= {args.epsilon}, delta = {args.delta}",
+                     [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in result["private_run"].items()])
+        if "simulation" in result:
+            _print_table("simulation for hyper-parameter search (same TAN, NOT PRIVATE)",
+                         [(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+                          for k, v in result["simulation"].items()])
+        for note in notes:
+            _stderr().print(f"[yellow]warning:[/yellow] {note}")
+    return 0
+
+
+def _add_accounting_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("account", help="epsilon of a DP-SGD run, or the noise multiplier for a target epsilon")
+    p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q = batch / N")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--noise-multiplier", type=float, default=None, help="sigma: prints epsilon")
+    p.add_argument("--epsilon", type=float, default=None, help="target epsilon: prints the calibrated sigma")
+    p.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_account)
+
+    p = sub.add_parser("plan", help="batch size and noise at constant TAN for a target budget")
+    p.add_argument("--dataset-size", type=int, required=True)
+    p.add_argument("--epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--reference-batch", type=int, default=None, help="batch size of the private run")
+    p.add_argument("--simulated-batch", type=int, default=128, help="batch size of the non-private simulation")
+    p.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
+    _add_accounting_commands(sub)
     return parser
 
 
@@ -147,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # dp-accounting logs every RDP order it skips; the result already accounts for it
+        logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except TramontaneError as err:
