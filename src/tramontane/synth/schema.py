@@ -1,0 +1,592 @@
+"""The public schema of a table: what values every column may take, and how numbers are binned.
+
+The schema is the *domain* a synthesizer works in. It must not come from the private rows without privacy:
+a category set or a min/max read straight off the data publishes rare values and extremes (a single
+person's country, a single person's income). So a schema is either written from public knowledge (a
+data set's documentation, a form's list of options) or inferred with differential privacy
+(`tramontane.synth.dp_schema.infer_schema`). `Schema.private` records which: False only for a schema read
+off the data without DP (allowed, with a loud warning, so that a report can say so).
+
+A column is
+- categorical: an ordered list of allowed values (str, int, float or bool). A marker such as Adult's `?` is
+  an ordinary category; a real missing value (NaN/None) is its own value when `missing=True`.
+- integer / float: a range [lo, hi] and bin edges (default 100 equal-width bins, as in synlm, arXiv
+  2306.04803). A number is represented by its bin; decoding returns a representative value inside the bin
+  (the bin centre; for integers the centre rounded, clipped to the integers the bin holds). Integer bins
+  never split an integer: with at most `n_bins` integers in [lo, hi] every integer gets its own bin, so
+  such columns round-trip exactly. NaN is its own value when `missing=True`.
+
+Value ids: each column's values are numbered 0..n_values-1 (categories or bins in order, then missing).
+`Schema.value_ids` maps a frame to these ids and `Schema.frame_from_value_ids` maps them back; the token
+codec (`codec.py`) and the metrics build on them.
+
+Rows are private: errors name columns and at most a few offending values, never whole rows, and nothing
+here logs data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tramontane.errors import DataError, SchemaError
+
+SCHEMA_FORMAT = "tramontane.schema"
+SCHEMA_VERSION = 1
+KINDS = ("categorical", "integer", "float")
+NUMERIC_KINDS = ("integer", "float")
+DEFAULT_N_BINS = 100  # synlm's default (`--nbins 100`)
+MAX_CATEGORIES = 1000  # inference refuses columns with more distinct values than this
+_MAX_EXAMPLES = 3  # offending values quoted in an error message
+
+
+def _show(values: Iterable[Any]) -> str:
+    """At most a few values, each shortened: enough to find the problem, never a row."""
+    shown = []
+    for v in list(values)[:_MAX_EXAMPLES]:
+        text = repr(v.item() if isinstance(v, np.generic) else v)
+        shown.append(text if len(text) <= 40 else text[:37] + "...")
+    return ", ".join(shown)
+
+
+def _python_scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def integer_edges(lo: int, hi: int, n_bins: int = DEFAULT_N_BINS) -> tuple[float, ...]:
+    """Edges at half-integers splitting the integers lo..hi into min(n_bins, hi-lo+1) near-equal bins."""
+    span = hi - lo + 1
+    nb = min(n_bins, span)
+    # Steps of span/nb >= 1 keep the rounded cuts strictly increasing: no bin is empty of integers.
+    cuts = np.round(np.linspace(0, span, nb + 1))
+    return tuple(float(lo - 0.5 + c) for c in cuts)
+
+
+def float_edges(lo: float, hi: float, n_bins: int = DEFAULT_N_BINS) -> tuple[float, ...]:
+    """`n_bins` equal-width bins on [lo, hi] (a single unit-width bin around lo when lo == hi)."""
+    if lo == hi:
+        return (lo - 0.5, hi + 0.5)
+    return tuple(float(e) for e in np.linspace(lo, hi, n_bins + 1))
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One column of the public schema (see the module docstring). Build numeric ones with `numeric`."""
+
+    name: str
+    kind: str
+    categories: tuple[Any, ...] = ()
+    lo: float | None = None
+    hi: float | None = None
+    edges: tuple[float, ...] = ()  # numeric: bin i is [edges[i], edges[i+1]), the last one closed
+    missing: bool = False  # NaN/None is a value of its own
+
+    def __post_init__(self) -> None:
+        where = f"column {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"a column name must be a non-empty string, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise SchemaError(f"{where}: kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.missing, bool):
+            raise SchemaError(f"{where}: missing must be true or false, got {self.missing!r}")
+        if self.kind == "categorical":
+            self._check_categorical(where)
+        else:
+            self._check_numeric(where)
+
+    def _check_categorical(self, where: str) -> None:
+        if self.lo is not None or self.hi is not None or self.edges:
+            raise SchemaError(f"{where} is categorical: it takes categories, not lo/hi/edges")
+        cats = tuple(_python_scalar(c) for c in self.categories)
+        for c in cats:
+            if not isinstance(c, (str, int, float, bool)) or (isinstance(c, float) and not math.isfinite(c)):
+                raise SchemaError(
+                    f"{where}: categories must be strings, integers, finite floats or booleans, got {c!r}; "
+                    "a missing value is not a category: set missing=true instead"
+                )
+        if len(set(cats)) != len(cats):
+            dupes = sorted({repr(c) for c in cats if cats.count(c) > 1})
+            raise SchemaError(f"{where}: categories must be distinct, repeated: {', '.join(dupes[:3])}")
+        if not cats and not self.missing:
+            raise SchemaError(f"{where} has no categories and missing=false: it could take no value")
+        object.__setattr__(self, "categories", cats)
+
+    def _check_numeric(self, where: str) -> None:
+        if self.categories:
+            raise SchemaError(f"{where} is {self.kind}: it takes lo/hi (and edges), not categories")
+        if self.lo is None or self.hi is None:
+            raise SchemaError(f"{where} is {self.kind}: give its public range lo and hi")
+        try:
+            lo, hi = float(self.lo), float(self.hi)
+        except (TypeError, ValueError):
+            raise SchemaError(f"{where}: lo and hi must be numbers, got {self.lo!r}, {self.hi!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise SchemaError(f"{where}: need finite lo <= hi, got lo={self.lo!r}, hi={self.hi!r}")
+        if self.kind == "integer":
+            if lo != int(lo) or hi != int(hi):
+                raise SchemaError(
+                    f"{where} is integer: lo and hi must be integers, got {self.lo!r}, {self.hi!r}"
+                )
+            object.__setattr__(self, "lo", int(lo))
+            object.__setattr__(self, "hi", int(hi))
+        else:
+            object.__setattr__(self, "lo", lo)
+            object.__setattr__(self, "hi", hi)
+        if not self.edges:
+            edges = integer_edges(self.lo, self.hi) if self.kind == "integer" else float_edges(lo, hi)
+            object.__setattr__(self, "edges", edges)
+        edges = tuple(float(e) for e in self.edges)
+        fix = "fix the edges (or leave them out for the default equal-width bins)"
+        if len(edges) < 2 or not all(math.isfinite(e) for e in edges):
+            raise SchemaError(f"{where}: edges must be at least two finite numbers; {fix}")
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise SchemaError(f"{where}: edges must be strictly increasing; {fix}")
+        if edges[0] > lo or edges[-1] < hi:
+            raise SchemaError(
+                f"{where}: edges [{edges[0]}, {edges[-1]}] must cover [lo, hi] = [{lo}, {hi}]; {fix}"
+            )
+        object.__setattr__(self, "edges", edges)
+        reps = self._representatives()
+        if self.kind == "integer" and any(r is None for r in reps):
+            empty = [i for i, r in enumerate(reps) if r is None]
+            raise SchemaError(f"{where}: bin(s) {empty[:3]} hold no integer of [lo, hi]; {fix}")
+        if self.kind == "float" and (edges[1] <= lo or edges[-2] >= hi) and len(edges) > 2:
+            raise SchemaError(f"{where}: the first and last bins must overlap [lo, hi]; {fix}")
+
+    def _representatives(self) -> list[Any]:
+        """The decoded value of each bin (None for an integer bin that holds no integer of [lo, hi])."""
+        out: list[Any] = []
+        nb = len(self.edges) - 1
+        for i, (a, b) in enumerate(zip(self.edges, self.edges[1:])):
+            if self.kind == "integer":
+                first = max(math.ceil(a), self.lo)
+                last = min(math.floor(b) if i == nb - 1 else math.ceil(b) - 1, self.hi)
+                out.append(math.ceil((first + last) / 2) if first <= last else None)
+            else:
+                out.append((max(a, self.lo) + min(b, self.hi)) / 2)
+        return out
+
+    @classmethod
+    def categorical(cls, name: str, categories: Sequence[Any], missing: bool = False) -> "ColumnSpec":
+        return cls(name, "categorical", tuple(categories), missing=missing)
+
+    @classmethod
+    def numeric(
+        cls,
+        name: str,
+        lo: float,
+        hi: float,
+        kind: str = "float",
+        n_bins: int = DEFAULT_N_BINS,
+        edges: Sequence[float] | None = None,
+        missing: bool = False,
+    ) -> "ColumnSpec":
+        """A numeric column; default edges: `n_bins` equal-width bins (integer-aligned for integers)."""
+        if kind not in NUMERIC_KINDS:
+            raise SchemaError(f"column {name!r}: a numeric kind is 'integer' or 'float', got {kind!r}")
+        if not isinstance(n_bins, int) or n_bins < 1:
+            raise SchemaError(f"column {name!r}: n_bins must be a positive integer, got {n_bins!r}")
+        if edges is None:
+            if kind == "integer":
+                if lo != int(lo) or hi != int(hi) or lo > hi:
+                    raise SchemaError(
+                        f"column {name!r} is integer: need integers lo <= hi, got {lo!r}, {hi!r}"
+                    )
+                edges = integer_edges(int(lo), int(hi), n_bins)
+            else:
+                edges = float_edges(float(lo), float(hi), n_bins)
+        return cls(name, kind, lo=lo, hi=hi, edges=tuple(edges), missing=missing)
+
+    # -- value ids --------------------------------------------------------------------------------------
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.kind in NUMERIC_KINDS
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.edges) - 1 if self.is_numeric else 0
+
+    @property
+    def n_values(self) -> int:
+        """Number of value ids: categories or bins, plus one for missing."""
+        base = self.n_bins if self.is_numeric else len(self.categories)
+        return base + int(self.missing)
+
+    @property
+    def missing_id(self) -> int | None:
+        return self.n_values - 1 if self.missing else None
+
+    def values(self) -> list[Any]:
+        """The decoded value of every value id (NaN for missing)."""
+        base = self._representatives() if self.is_numeric else list(self.categories)
+        return base + ([math.nan] if self.missing else [])
+
+    def value_index(self, series: pd.Series, clip: bool = False) -> np.ndarray:
+        """Value id of every entry [N] (int64); -1 where the entry is outside the schema.
+
+        With `clip=True` numbers outside [lo, hi] take the first/last bin (and non-integers an integer
+        column's bin of their rounded value) instead of -1; unknown categories stay -1.
+        """
+        isna = series.isna().to_numpy()
+        if self.kind == "categorical":
+            ids = pd.Index(list(self.categories), dtype=object).get_indexer(series).astype(np.int64)
+        else:
+            x = _as_numbers(series)
+            if x is None and not clip:  # non-numeric dtype: every non-missing entry is invalid
+                ids = np.full(len(series), -1, dtype=np.int64)
+            else:
+                if x is None:  # clip: entries that do not parse as numbers stay invalid (-1)
+                    x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                ok = ~np.isnan(x)
+                if clip:
+                    x = np.clip(np.round(x) if self.kind == "integer" else x, self.lo, self.hi)
+                else:
+                    ok &= (x >= self.lo) & (x <= self.hi)
+                    if self.kind == "integer":
+                        ok &= x == np.round(x)
+                bins = np.searchsorted(np.asarray(self.edges), x, side="right") - 1
+                bins = np.clip(bins, 0, self.n_bins - 1)
+                ids = np.where(ok, bins, -1).astype(np.int64)
+        if self.missing:
+            ids[isna] = self.n_values - 1
+        else:
+            ids[isna] = -1
+        return ids
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.kind == "categorical":
+            out["categories"] = list(self.categories)
+        else:
+            out.update(lo=self.lo, hi=self.hi, edges=list(self.edges))
+        out["missing"] = self.missing
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ColumnSpec":
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"a column must be a mapping with name and kind, got {data!r}")
+        known = {"name", "kind", "categories", "lo", "hi", "edges", "n_bins", "missing"}
+        name = data.get("name")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SchemaError(f"column {name!r}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        for key in ("name", "kind"):
+            if key not in data:
+                raise SchemaError(f"a schema column is missing {key!r}: {dict(data)!r}")
+        kind = data["kind"]
+        missing = data.get("missing", False)
+        if kind == "categorical":
+            if "n_bins" in data:
+                raise SchemaError(f"column {name!r} is categorical: n_bins does not apply")
+            cats = data.get("categories", [])
+            if not isinstance(cats, list):
+                raise SchemaError(f"column {name!r}: categories must be a list, got {cats!r}")
+            return cls(name, kind, tuple(cats), missing=missing)
+        if kind in NUMERIC_KINDS:
+            if "categories" in data:
+                raise SchemaError(f"column {name!r} is {kind}: it takes lo/hi, not categories")
+            if "lo" not in data or "hi" not in data:
+                raise SchemaError(f"column {name!r} is {kind}: give its public range lo and hi")
+            edges = data.get("edges")
+            if edges is not None and not isinstance(edges, list):
+                raise SchemaError(f"column {name!r}: edges must be a list of numbers, got {edges!r}")
+            return cls.numeric(name, data["lo"], data["hi"], kind, n_bins=data.get("n_bins", DEFAULT_N_BINS),
+                               edges=edges, missing=missing)
+        return cls(name, kind)  # raises the kind error
+
+
+def _as_numbers(series: pd.Series) -> np.ndarray | None:
+    """float64 view of a numeric column (NaN for missing), or None if the column is not numeric."""
+    if pd.api.types.is_bool_dtype(series.dtype) or not pd.api.types.is_numeric_dtype(series.dtype):
+        if series.dtype == object:
+            converted = pd.to_numeric(series, errors="coerce")
+            parsed_all = bool((converted.isna() == series.isna()).all())
+            if parsed_all and not any(isinstance(v, bool) for v in series):
+                return converted.to_numpy(dtype=np.float64, na_value=np.nan)
+        return None
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """An ordered set of `ColumnSpec`s plus where it came from.
+
+    `private`: True when the schema reveals nothing beyond its DP guarantee (written from public knowledge,
+    or inferred with DP); False when it was read off the private rows without DP.
+    """
+
+    columns: tuple[ColumnSpec, ...]
+    private: bool = True
+    provenance: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        cols = tuple(self.columns)
+        if not cols:
+            raise SchemaError("a schema needs at least one column")
+        for c in cols:
+            if not isinstance(c, ColumnSpec):
+                raise SchemaError(f"schema columns must be ColumnSpec objects, got {type(c).__name__}")
+        names = [c.name for c in cols]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise SchemaError(f"column names must be unique, repeated: {dupes}")
+        if not isinstance(self.private, bool):
+            raise SchemaError(f"private must be true or false, got {self.private!r}")
+        object.__setattr__(self, "columns", cols)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __iter__(self) -> Iterator[ColumnSpec]:
+        return iter(self.columns)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> ColumnSpec:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"no column {name!r} in the schema; columns: {self.names}")
+
+    def select(self, names: Sequence[str]) -> "Schema":
+        """A schema of these columns only, in this order."""
+        missing = [n for n in names if n not in self]
+        if missing:
+            raise SchemaError(f"column(s) {missing} are not in the schema; columns: {self.names}")
+        return Schema(tuple(self[n] for n in names), self.private, self.provenance, self.metadata)
+
+    # -- validation -------------------------------------------------------------------------------------
+
+    def check_columns(self, df: pd.DataFrame) -> None:
+        """Raise `SchemaError` unless `df` has exactly the schema's columns (in any order)."""
+        if not isinstance(df, pd.DataFrame):
+            raise DataError(f"expected a pandas DataFrame, got {type(df).__name__}")
+        cols = list(df.columns)
+        dupes = sorted({str(c) for c in cols if cols.count(c) > 1})
+        unknown = [c for c in cols if c not in self.names]
+        absent = [n for n in self.names if n not in cols]
+        problems = []
+        if dupes:
+            problems.append(f"the data has repeated column name(s) {dupes}: rename or drop them")
+        if unknown:
+            problems.append(
+                f"the data has column(s) {unknown} that the schema does not describe: drop them "
+                f"(df.drop(columns={unknown!r})) or add them to the schema"
+            )
+        if absent:
+            problems.append(
+                f"the schema's column(s) {absent} are missing from the data: add them, or use "
+                f"schema.select([...]) for a schema without them"
+            )
+        if problems:
+            raise SchemaError("the data's columns do not match the schema:\n  - " + "\n  - ".join(problems))
+
+    def problems(self, df: pd.DataFrame) -> list[str]:
+        """Every mismatch between `df`'s values and the schema, one message per column problem."""
+        self.check_columns(df)
+        out = []
+        for spec in self.columns:
+            out.extend(_column_problems(spec, df[spec.name]))
+        return out
+
+    def validate(self, df: pd.DataFrame) -> None:
+        """Raise `SchemaError` naming every column whose values fall outside the schema (a few examples
+        each, never whole rows); return None when `df` fits."""
+        problems = self.problems(df)
+        if problems:
+            raise SchemaError("the data does not match the schema:\n  - " + "\n  - ".join(problems))
+
+    def conform(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Make `df` fit: numbers clipped into [lo, hi] (integers rounded), rows holding an unknown category,
+        a non-numeric entry in a numeric column or a disallowed missing value dropped; schema column order.
+
+        Each row is mapped or dropped on its own, independently of the other rows, so neighbouring data sets
+        stay neighbouring and DP training on the result keeps its guarantee for the original rows. Unknown
+        or absent columns still raise: the column set is public.
+        """
+        self.check_columns(df)
+        out = {}
+        keep = np.ones(len(df), dtype=bool)
+        for spec in self.columns:
+            s = df[spec.name]
+            keep &= spec.value_index(s, clip=True) >= 0
+            if spec.is_numeric:
+                x = _as_numbers(s)
+                if x is None:
+                    x = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                x = np.clip(np.round(x) if spec.kind == "integer" else x, spec.lo, spec.hi)
+                out[spec.name] = x
+            else:
+                out[spec.name] = s.to_numpy()
+        frame = pd.DataFrame({n: v[keep] for n, v in out.items()})
+        for spec in self.columns:
+            if spec.kind == "integer" and not frame[spec.name].isna().any():
+                frame[spec.name] = frame[spec.name].astype(np.int64)
+            elif spec.kind == "categorical":
+                frame[spec.name] = pd.Series(frame[spec.name].to_numpy(dtype=object)).infer_objects()
+        return frame
+
+    # -- value ids --------------------------------------------------------------------------------------
+
+    def value_ids(self, df: pd.DataFrame) -> np.ndarray:
+        """Value id of every cell [N, d] (schema column order); raises `SchemaError` if `df` does not fit."""
+        self.validate(df)
+        if len(df) == 0:
+            return np.zeros((0, len(self)), dtype=np.int64)
+        return np.stack([spec.value_index(df[spec.name]) for spec in self.columns], axis=1)
+
+    def frame_from_value_ids(self, ids: np.ndarray) -> pd.DataFrame:
+        """Inverse of `value_ids` (numbers come back as their bin's value).
+
+        dtypes: integer columns int64 (float64 if a missing value occurs), float columns float64,
+        categorical columns pandas' default for their values (strings: `str`), missing as NaN.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] != len(self):
+            raise DataError(f"value ids must have shape [N, {len(self)}], got {list(ids.shape)}")
+        out = {}
+        for j, spec in enumerate(self.columns):
+            col = ids[:, j]
+            if len(col) and (col.min() < 0 or col.max() >= spec.n_values):
+                raise DataError(f"column {spec.name!r}: value ids must lie in [0, {spec.n_values}), got "
+                                f"{_show(np.unique(col[(col < 0) | (col >= spec.n_values)]))}")
+            table = spec.values()
+            if spec.is_numeric:
+                values = np.asarray(table, dtype=np.float64)[col]
+                if spec.kind == "integer" and not np.isnan(values).any():
+                    values = values.astype(np.int64)
+                out[spec.name] = values
+            else:
+                out[spec.name] = pd.Series(np.asarray(table, dtype=object)[col]).infer_objects()
+        return pd.DataFrame(out)
+
+    # -- files ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SCHEMA_FORMAT, "version": SCHEMA_VERSION, "private": self.private,
+                "provenance": self.provenance, "metadata": dict(self.metadata),
+                "columns": [c.to_dict() for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Schema":
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"a schema must be a mapping with a 'columns' list, got {type(data).__name__}")
+        fmt = data.get("format", SCHEMA_FORMAT)
+        if fmt != SCHEMA_FORMAT:
+            raise SchemaError(f"not a tramontane schema: format is {fmt!r}, expected {SCHEMA_FORMAT!r}")
+        version = data.get("version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise SchemaError(
+                f"schema version {version!r} is not supported (this library reads {SCHEMA_VERSION})"
+            )
+        known = {"format", "version", "private", "provenance", "metadata", "columns"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SchemaError(f"unknown schema key(s) {unknown}; allowed: {sorted(known)}")
+        cols = data.get("columns")
+        if not isinstance(cols, list):
+            raise SchemaError("a schema needs a 'columns' list")
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, Mapping):
+            raise SchemaError(f"schema metadata must be a mapping, got {metadata!r}")
+        return cls(tuple(ColumnSpec.from_dict(c) for c in cols), private=data.get("private", True),
+                   provenance=str(data.get("provenance", "")), metadata=metadata)
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON (`.json`) or YAML (`.yaml`/`.yml`, needs PyYAML)."""
+        path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            yaml = _yaml()
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schema":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise SchemaError(f"schema file {path} does not exist") from None
+        if path.suffix.lower() in (".yaml", ".yml"):
+            yaml = _yaml()
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise SchemaError(f"{path} is not valid YAML: {err}") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise SchemaError(f"{path} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise SchemaError(
+            "YAML schemas need PyYAML (pip install pyyaml); or save/load the schema as .json"
+        ) from None
+    return yaml
+
+
+def _column_problems(spec: ColumnSpec, s: pd.Series) -> list[str]:
+    where = f"column {spec.name!r}"
+    out = []
+    isna = s.isna().to_numpy()
+    if isna.any() and not spec.missing:
+        out.append(f"{where} has missing values (NaN) but the schema says missing=false. Fix: set "
+                   "missing=true for the column, or drop/fill those rows (schema.conform(df) drops them)")
+    present = s[~isna]
+    if spec.kind == "categorical":
+        bad = present[spec.value_index(present) < 0]
+        if len(bad):
+            distinct = pd.unique(bad)
+            msg = (f"{where}: {len(distinct)} distinct value(s) not among the schema's categories, e.g. "
+                   f"{_show(distinct)}. Fix: add them to the column's categories, or call schema.conform(df) "
+                   "to drop the rows that hold them")
+            as_text = {str(c) for c in spec.categories}
+            if all(str(_python_scalar(v)) in as_text for v in distinct[:_MAX_EXAMPLES]):
+                msg += f" (types differ: the schema holds {type(spec.categories[0]).__name__} categories; " \
+                       "convert the column to that type)"
+            out.append(msg)
+        return out
+    x = _as_numbers(present)
+    if x is None:
+        coerced = pd.to_numeric(present, errors="coerce")
+        bad = pd.unique(present[coerced.isna().to_numpy()])
+        out.append(f"{where} is {spec.kind} in the schema but holds non-numeric values, e.g. {_show(bad)} "
+                   f"(dtype {s.dtype}). Fix: convert it with pd.to_numeric, or declare the column "
+                   "categorical")
+        return out
+    outside = np.unique(x[(x < spec.lo) | (x > spec.hi)])
+    if len(outside):
+        # The most extreme values first: they tell how far the range is off.
+        ends = sorted({outside[0], outside[-1]}) if len(outside) > 1 else list(outside)
+        out.append(f"{where}: {len(outside)} distinct value(s) outside the schema range "
+                   f"[{spec.lo}, {spec.hi}], e.g. {_show(ends)}. Fix: widen lo/hi, or call "
+                   "schema.conform(df) to clip them into range")
+    if spec.kind == "integer":
+        frac = np.unique(x[x != np.round(x)])
+        if len(frac):
+            out.append(f"{where} is integer in the schema but holds non-integer values, e.g. {_show(frac)}. "
+                       "Fix: round them (schema.conform(df) does), or declare the column float")
+    return out
