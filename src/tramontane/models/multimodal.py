@@ -1,0 +1,99 @@
+"""What every multimodal Mistral model shares: encoder outputs take the places of placeholder tokens.
+
+Pixtral's `[IMG]` and Voxtral's `[AUDIO]` work the same way: the tokenizer (mistral_common) writes one
+placeholder token per encoder embedding, the placeholders are embedded like any token, and the encoder's
+embeddings then replace them, in order, row by row (as transformers' `masked_scatter` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tramontane.errors import GenerationError
+from tramontane.generation import Completion, SamplingParams, generate
+from tramontane.models.cache import KVCache
+from tramontane.models.transformer import Transformer
+
+
+def splice_embeddings(
+    text_embeds: torch.Tensor, token_ids: torch.Tensor, placeholder_id: int, features: torch.Tensor
+) -> torch.Tensor:
+    """Replace the embeddings of the `placeholder_id` tokens by `features`, in row-major order.
+
+    text_embeds [B, T, D], token_ids [B, T], features [N, D] with N = number of placeholders in `token_ids`.
+    Returns a new tensor [B, T, D] in the dtype of `text_embeds`; the inputs are not modified.
+    """
+    if token_ids.shape != text_embeds.shape[:2]:
+        raise GenerationError(
+            f"token ids {list(token_ids.shape)} do not match the embeddings {list(text_embeds.shape)}"
+        )
+    if features.dim() != 2 or features.shape[1] != text_embeds.shape[2]:
+        raise GenerationError(f"features must be [N, {text_embeds.shape[2]}] (one row per placeholder), "
+                              f"got {list(features.shape)}")
+    mask = token_ids == placeholder_id  # B T
+    n_placeholders = int(mask.sum())
+    if n_placeholders != features.shape[0]:
+        raise GenerationError(
+            f"the prompt holds {n_placeholders} placeholder token(s) (id {placeholder_id}) but "
+            f"{features.shape[0]} encoder embedding(s) were given; tokenize the prompt and preprocess "
+            "the media from the same request (one placeholder per embedding)"
+        )
+    out = text_embeds.clone()
+    out[mask] = features.to(device=out.device, dtype=out.dtype)
+    return out
+
+
+class _EmbeddedPrefill:
+    """`model` as `generation.generate` sees it, except that its prefill reads `embeddings` [B, T, D].
+
+    decode_steps feeds the left-padded prompts first, in order (one chunk or several), then one new token per
+    step; so the first T columns it feeds are the prompts', and take their columns of `embeddings`.
+    """
+
+    def __init__(self, model: Transformer, embeddings: torch.Tensor) -> None:
+        self._model = model
+        self._embeddings = embeddings
+        self._fed = 0
+        self.args, self.output = model.args, model.output
+        self.device, self.dtype = model.device, model.dtype
+
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        if self._fed >= self._embeddings.shape[1]:
+            return self._model.hidden_states(tokens, positions, cache)
+        t = tokens.shape[1]
+        embeddings = self._embeddings[:, self._fed:self._fed + t]
+        assert embeddings.shape[1] == t, "prefill chunks must cover the prompts exactly"
+        self._fed += t
+        return self._model.hidden_states(tokens, positions, cache, embeddings=embeddings)
+
+
+def generate_with_embeddings(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    embeddings: Sequence[torch.Tensor],
+    params: SamplingParams | None = None,
+    eos_id: int | None = None,
+    chunk_size: int | None = None,
+) -> list[Completion]:
+    """`generation.generate` for prompts whose input embeddings are given: `embeddings[i]` [T_i, D] are those
+    of `prompts[i]` (T_i ids, e.g. after `splice_embeddings`). Prefill reads them; decoding, sampling,
+    stopping and batching are generate's."""
+    if len(prompts) != len(embeddings):
+        raise GenerationError(f"got {len(prompts)} prompt(s) but {len(embeddings)} embedding tensor(s)")
+    if not prompts:
+        raise GenerationError("no prompts given")
+    longest = max(len(p) for p in prompts)
+    padded = torch.zeros(len(prompts), longest, model.args.dim, dtype=model.dtype, device=model.device)
+    for row, (prompt, emb) in enumerate(zip(prompts, embeddings)):
+        if tuple(emb.shape) != (len(prompt), model.args.dim):
+            raise GenerationError(f"embeddings of prompt {row} have shape {list(emb.shape)}, expected "
+                                  f"[{len(prompt)}, {model.args.dim}]")
+        if len(prompt):
+            padded[row, longest - len(prompt):] = emb  # left padding, as generate pads the ids
+    # TODO(lead): once generation.decode_steps accepts prefill embeddings, call it and drop _EmbeddedPrefill.
+    prefill = _EmbeddedPrefill(model, padded)
+    return generate(prefill, prompts, params, eos_id, chunk_size)  # type: ignore[arg-type]
