@@ -58,7 +58,10 @@ def sample_next(
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF draw: one uniform per row (several times faster than torch.multinomial on CPU).
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +87,20 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]]) -> None
             raise GenerationError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
 
+def _left_pad_embeddings(model: Transformer, prompts: Sequence[Sequence[int]],
+                         embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(embeddings) != len(prompts):
+        raise GenerationError(f"got {len(prompts)} prompt(s) but {len(embeddings)} embedding tensor(s)")
+    longest = max(len(p) for p in prompts)
+    padded = torch.zeros(len(prompts), longest, model.args.dim, dtype=model.dtype, device=model.device)
+    for row, (prompt, emb) in enumerate(zip(prompts, embeddings)):
+        if tuple(emb.shape) != (len(prompt), model.args.dim):
+            raise GenerationError(f"embeddings of prompt {row} have shape {list(emb.shape)}, expected "
+                                  f"[{len(prompt)}, {model.args.dim}]")
+        padded[row, longest - len(prompt):] = emb
+    return padded
+
+
 @torch.no_grad()
 def decode_steps(
     model: Transformer,
@@ -91,13 +108,17 @@ def decode_steps(
     params: SamplingParams,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    prompt_embeddings: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B] or empty, finished [B]) after every generated position.
 
-    A row that has finished keeps being fed its last token (its outputs are ignored), so the batch shape never
-    changes. Stops after `max_tokens` steps or when every row has produced `eos_id`.
+    `prompt_embeddings[i]` [T_i, dim], when given, are the input embeddings of `prompts[i]` (multimodal
+    prompts whose image or audio placeholders were replaced by encoder features); the ids then only matter
+    for their count. A row that has finished keeps being fed its last token (its outputs are ignored), so the
+    batch shape never changes. Stops after `max_tokens` steps or when every row has produced `eos_id`.
     """
     _check_prompts(model, prompts)
+    embeddings = None if prompt_embeddings is None else _left_pad_embeddings(model, prompts, prompt_embeddings)
     if chunk_size is not None and chunk_size < 1:
         raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
     if params.max_tokens == 0:
@@ -114,7 +135,9 @@ def decode_steps(
 
     chunk = chunk_size or prompt_len
     for start in range(0, prompt_len, chunk):
-        hidden = model.hidden_states(tokens[:, start:start + chunk], positions[:, start:start + chunk], cache)
+        piece = slice(start, start + chunk)
+        hidden = model.hidden_states(tokens[:, piece], positions[:, piece], cache,
+                                     embeddings=None if embeddings is None else embeddings[:, piece])
     next_positions = positions[:, -1] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(params.max_tokens):
@@ -137,14 +160,15 @@ def generate(
     params: SamplingParams | None = None,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    prompt_embeddings: Sequence[torch.Tensor] | None = None,
 ) -> list[Completion]:
-    """Generate a continuation for each prompt (lists of token ids) in one batch."""
+    """Generate a continuation for each prompt (lists of token ids) in one batch (see `decode_steps`)."""
     params = params or SamplingParams()
     outs: list[list[int]] = [[] for _ in prompts]
     logps: list[list[float]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     reasons = ["length"] * len(prompts)
-    for new, logprobs, _ in decode_steps(model, prompts, params, eos_id, chunk_size):
+    for new, logprobs, _ in decode_steps(model, prompts, params, eos_id, chunk_size, prompt_embeddings):
         for row, token in enumerate(new.tolist()):
             if done[row]:
                 continue

@@ -47,10 +47,10 @@ from tramontane.generation import Completion, SamplingParams
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
 from tramontane.models.checkpoint import (
-    _check_tensors,
-    _resolve_dtype,
-    _scan,
-    _weight_files,
+    check_tensors,
+    resolve_dtype,
+    scan_tensors,
+    weight_files,
     args_from_hf_config,
     detect_format,
     hf_names,
@@ -601,7 +601,7 @@ def load_voxtral(
         args, token_id = ModelArgs.from_params(params), AUDIO_TOKEN_ID
     else:
         args, audio_args, token_id = args_from_hf_voxtral_config(_read_json(path / "config.json"))
-    entries = _scan(_weight_files(path, fmt))  # headers only
+    entries = scan_tensors(weight_files(path, fmt))  # headers only
     quantized = sorted(k for k, e in entries.items() if e.dtype not in _FLOAT_TAGS)
     if quantized:
         raise CheckpointError(f"{path} holds non-float tensors ({quantized[:5]}): quantized checkpoints are "
@@ -625,9 +625,9 @@ def load_voxtral(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if args.tied_embeddings:
         del expected["output.weight"]
-    _check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
+    check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
                    f"{path} does not match its Voxtral config")
-    target = _resolve_dtype(dtype)
+    target = resolve_dtype(dtype)
     state: dict[str, torch.Tensor] = {}
     for file in dict.fromkeys(e.file for e in entries.values()):
         try:

@@ -118,9 +118,9 @@ def save_model(
         if not isinstance(args, ModelArgs):
             raise ConfigError("save_model needs `args=ModelArgs(...)` for a module without `.args`")
     state = model.state_dict()
-    _check_tensors({k: tuple(v.shape) for k, v in state.items()}, _expected_shapes(args),
+    check_tensors({k: tuple(v.shape) for k, v in state.items()}, _expected_shapes(args),
                    f"the model does not match its ModelArgs ({_describe(args)})")
-    target_dtype = _resolve_dtype(dtype) or state["tok_embeddings.weight"].dtype
+    target_dtype = resolve_dtype(dtype) or state["tok_embeddings.weight"].dtype
     if target_dtype not in _DTYPES.values():
         raise ConfigError(f"cannot save dtype {target_dtype}; pass dtype= one of {sorted(_DTYPES)}")
     dtype_name = next(k for k, v in _DTYPES.items() if v == target_dtype)
@@ -197,14 +197,14 @@ def read_state_dict(
     """
     path = Path(path)
     fmt = detect_format(path, format)
-    files = _weight_files(path, fmt)
-    entries = _scan(files)
+    files = weight_files(path, fmt)
+    entries = scan_tensors(files)
     plan = _consolidated_plan(args) if fmt == "consolidated" else _hf_plan(args, entries)
     head = "output.weight" if fmt == "consolidated" else "lm_head.weight"
     ignored = {head} if args.tied_embeddings else set()
     # old transformers versions saved the (recomputed, never loaded) rotary tables
     ignored |= {k for k in entries if k.endswith("rotary_emb.inv_freq")}
-    _check_tensors({k: e.shape for k, e in entries.items() if k not in ignored},
+    check_tensors({k: e.shape for k, e in entries.items() if k not in ignored},
                    {k: s.shape for k, s in plan.items()},
                    f"checkpoint {path} does not match its config ({_describe(args)})")
     for name in plan:
@@ -214,7 +214,7 @@ def read_state_dict(
                 "non-floating checkpoints are not supported (save it in float32, bfloat16 or float16)"
             )
     embed = "tok_embeddings.weight" if fmt == "consolidated" else "model.embed_tokens.weight"
-    target = _resolve_dtype(dtype) or _SAFETENSORS_DTYPES[entries[embed].dtype]
+    target = resolve_dtype(dtype) or _SAFETENSORS_DTYPES[entries[embed].dtype]
     device = torch.device(device)
 
     state: dict[str, torch.Tensor] = {}
@@ -410,7 +410,7 @@ def consolidated_to_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dic
 def hf_to_consolidated(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Inverse of `consolidated_to_hf`; also reads the fused Mixtral expert layout of transformers 5.x."""
     plan = _hf_plan(args, tensors)
-    _check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, {k: s.shape for k, s in plan.items()},
+    check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, {k: s.shape for k, s in plan.items()},
                    "HF tensors do not match the config")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -479,7 +479,7 @@ def _hf_plan(args: ModelArgs, on_disk: Iterable[str]) -> dict[str, _Source]:
     return plan
 
 
-def _check_tensors(
+def check_tensors(
     found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
@@ -513,7 +513,7 @@ def _describe(args: ModelArgs) -> str:
 # ------------------------------------------------------------------------------------------------------ files
 
 
-def _weight_files(path: Path, fmt: Format) -> list[Path]:
+def weight_files(path: Path, fmt: Format) -> list[Path]:
     stem = "consolidated" if fmt == "consolidated" else "model"
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -544,7 +544,7 @@ def _weight_files(path: Path, fmt: Format) -> list[Path]:
     )
 
 
-def _scan(files: list[Path]) -> dict[str, _Entry]:
+def scan_tensors(files: list[Path]) -> dict[str, _Entry]:
     """Names, shapes and dtypes of every tensor in `files`, from the headers only (no data is read)."""
     entries: dict[str, _Entry] = {}
     for file in files:
@@ -624,7 +624,7 @@ def _check_format(format: str) -> Format:
     return format  # type: ignore[return-value]
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str):

@@ -13,7 +13,6 @@ import torch
 
 from tramontane.errors import GenerationError
 from tramontane.generation import Completion, SamplingParams, generate
-from tramontane.models.cache import KVCache
 from tramontane.models.transformer import Transformer
 
 
@@ -45,32 +44,6 @@ def splice_embeddings(
     return out
 
 
-class _EmbeddedPrefill:
-    """`model` as `generation.generate` sees it, except that its prefill reads `embeddings` [B, T, D].
-
-    decode_steps feeds the left-padded prompts first, in order (one chunk or several), then one new token per
-    step; so the first T columns it feeds are the prompts', and take their columns of `embeddings`.
-    """
-
-    def __init__(self, model: Transformer, embeddings: torch.Tensor) -> None:
-        self._model = model
-        self._embeddings = embeddings
-        self._fed = 0
-        self.args, self.output = model.args, model.output
-        self.device, self.dtype = model.device, model.dtype
-
-    def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> torch.Tensor:
-        if self._fed >= self._embeddings.shape[1]:
-            return self._model.hidden_states(tokens, positions, cache)
-        t = tokens.shape[1]
-        embeddings = self._embeddings[:, self._fed:self._fed + t]
-        assert embeddings.shape[1] == t, "prefill chunks must cover the prompts exactly"
-        self._fed += t
-        return self._model.hidden_states(tokens, positions, cache, embeddings=embeddings)
-
-
 def generate_with_embeddings(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -80,20 +53,5 @@ def generate_with_embeddings(
     chunk_size: int | None = None,
 ) -> list[Completion]:
     """`generation.generate` for prompts whose input embeddings are given: `embeddings[i]` [T_i, D] are those
-    of `prompts[i]` (T_i ids, e.g. after `splice_embeddings`). Prefill reads them; decoding, sampling,
-    stopping and batching are generate's."""
-    if len(prompts) != len(embeddings):
-        raise GenerationError(f"got {len(prompts)} prompt(s) but {len(embeddings)} embedding tensor(s)")
-    if not prompts:
-        raise GenerationError("no prompts given")
-    longest = max(len(p) for p in prompts)
-    padded = torch.zeros(len(prompts), longest, model.args.dim, dtype=model.dtype, device=model.device)
-    for row, (prompt, emb) in enumerate(zip(prompts, embeddings)):
-        if tuple(emb.shape) != (len(prompt), model.args.dim):
-            raise GenerationError(f"embeddings of prompt {row} have shape {list(emb.shape)}, expected "
-                                  f"[{len(prompt)}, {model.args.dim}]")
-        if len(prompt):
-            padded[row, longest - len(prompt):] = emb  # left padding, as generate pads the ids
-    # TODO(lead): once generation.decode_steps accepts prefill embeddings, call it and drop _EmbeddedPrefill.
-    prefill = _EmbeddedPrefill(model, padded)
-    return generate(prefill, prompts, params, eos_id, chunk_size)  # type: ignore[arg-type]
+    of `prompts[i]` (T_i ids, e.g. after `splice_embeddings`)."""
+    return generate(model, prompts, params, eos_id, chunk_size, prompt_embeddings=embeddings)

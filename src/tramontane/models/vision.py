@@ -35,10 +35,10 @@ from tramontane.generation import Completion, SamplingParams
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
 from tramontane.models.checkpoint import (
-    _check_tensors,
-    _resolve_dtype,
-    _scan,
-    _weight_files,
+    check_tensors,
+    resolve_dtype,
+    scan_tensors,
+    weight_files,
     args_from_hf_config,
     hf_names,
     permute_from_hf,
@@ -634,7 +634,7 @@ def load_vision_language_model(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    target_dtype = _resolve_dtype(dtype)
+    target_dtype = resolve_dtype(dtype)
     if (path / "params.json").is_file():
         fmt = "consolidated"
         params = _read_json(path / "params.json")
@@ -649,7 +649,7 @@ def load_vision_language_model(
         args, vision_args = args_from_hf_vision_config(config)
     else:
         raise CheckpointError(f"{path} has neither params.json (consolidated) nor config.json (Hugging Face)")
-    entries = _scan(_weight_files(path, fmt))  # headers only
+    entries = scan_tensors(weight_files(path, fmt))  # headers only
     quantized = sorted(k for k, e in entries.items() if e.dtype not in _FLOAT_TAGS)
     if quantized:
         raise CheckpointError(f"{path} holds non-float tensors ({quantized[:5]}...): quantized checkpoints "
@@ -665,7 +665,7 @@ def load_vision_language_model(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if args.tied_embeddings:
         del expected["output.weight"]
-    _check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
+    check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
                    f"{path} does not match its config")
     state: dict[str, torch.Tensor] = {}
     for file in dict.fromkeys(e.file for e in entries.values()):
