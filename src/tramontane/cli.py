@@ -244,6 +244,211 @@ def _add_accounting_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+# -- synthetic data ---------------------------------------------------------------------------------------
+
+def _read_table(path: str, schema=None):
+    """A CSV path, or `adult` / `adult-test` for the bundled UCI Adult splits."""
+    from tramontane import datasets
+
+    if path in ("adult", "adult-train"):
+        return datasets.load_adult("train")
+    if path == "adult-test":
+        return datasets.load_adult("test")
+    return datasets.read_csv(path, schema=schema)
+
+
+def _load_schema(path: str | None, data: str):
+    from tramontane import datasets
+    from tramontane.synth import Schema
+
+    if path is not None:
+        return Schema.load(path)
+    if data in ("adult", "adult-train"):
+        return datasets.adult_schema()  # public: built from UCI's documentation
+    return None
+
+
+def _write_csv_atomic(frame, path: str) -> None:
+    import os
+    import tempfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Progress:
+    """A rich progress bar on stderr fed by the trainer's per-step callback."""
+
+    def __init__(self, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_stderr())
+        self.description = description
+        self.task = None
+
+    def __enter__(self) -> "_Progress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, step: int, total: int, info: dict[str, float]) -> None:
+        text = f"held-out NLL {info['eval_loss']:.2f}" if "eval_loss" in info else ""
+        if self.task is None:
+            self.task = self.progress.add_task(self.description, total=total, info=text)
+        self.progress.update(self.task, completed=step, info=text or self.progress.tasks[0].fields["info"])
+
+
+def _fit_synthesizer(args: argparse.Namespace):
+    from tramontane.synth.synthesizer import Synthesizer, SynthConfig
+
+    schema = _load_schema(args.schema, args.data)
+    train = _read_table(args.data, schema)
+    test = _read_table(args.test, schema) if args.test else None
+    config = SynthConfig.fast() if args.fast else SynthConfig()
+    if args.steps is not None:
+        config.steps = args.steps
+    synth = Synthesizer(schema, epsilon=args.epsilon, delta=args.delta, config=config, seed=args.seed,
+                        allow_non_private_schema=args.allow_non_private_schema)
+    err = _stderr()
+    err.print(f"training a DP synthesizer on {len(train)} rows at epsilon={args.epsilon}, delta={args.delta}"
+              + (" (fast configuration)" if args.fast else ""))
+    with _Progress("DP-SGD") as progress:
+        synth.fit(train, test=test, on_step=progress)
+    p = synth.privacy()
+    err.print(f"spent epsilon {p['epsilon_rdp']:.3f} (RDP) / {p['epsilon_pld']:.3f} (PLD) at delta {args.delta} "
+              f"in {synth.summary.steps} steps (batch ~{synth.summary.batch_size}, "
+              f"sigma {synth.summary.noise_multiplier:.3f}), {synth.summary.seconds:.0f} s")
+    return synth, train, test
+
+
+def _write_report(synth, train, synthetic, test, target: str | None, directory: str) -> None:
+    from tramontane.report.privacy_report import synthesizer_report, write_report
+
+    report = synthesizer_report(synth, train, synthetic, test, target)
+    json_path, html_path = write_report(directory, report, train, synthetic, synth.schema)
+    _stderr().print(f"report: {html_path} and {json_path}")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Fit, sample and report in one go (or `synth fit` / `synth sample`)."""
+    if args.synth_command == "sample":
+        return cmd_synth_sample(args)
+    for name in ("data", "epsilon"):
+        if getattr(args, name) is None:
+            raise TramontaneError(f"tramontane synth needs --{name}")
+    if args.synth_command == "fit":
+        synth, _, _ = _fit_synthesizer(args)
+        synth.save(args.out_model)
+        _stderr().print(f"saved the synthesizer (model, schema, privacy ledger) to {args.out_model}")
+        return 0
+    if args.out is None:
+        raise TramontaneError("tramontane synth needs --out synthetic.csv")
+    synth, train, test = _fit_synthesizer(args)
+    rows = args.rows if args.rows is not None else len(train)
+    synthetic = synth.sample(rows, seed=args.seed)
+    _write_csv_atomic(synthetic, args.out)
+    _stderr().print(f"wrote {rows} synthetic rows to {args.out}")
+    if args.save_model:
+        synth.save(args.save_model)
+    if args.report:
+        _write_report(synth, train, synthetic, test, args.target, args.report)
+    return 0
+
+
+def cmd_synth_sample(args: argparse.Namespace) -> int:
+    from tramontane.synth.synthesizer import Synthesizer
+
+    if args.model is None or args.rows is None or args.out is None:
+        raise TramontaneError("tramontane synth sample needs --model DIR --rows N --out synthetic.csv")
+    synth = Synthesizer.load(args.model)
+    synthetic = synth.sample(args.rows, seed=args.seed)
+    _write_csv_atomic(synthetic, args.out)
+    p = synth.privacy()
+    _stderr().print(f"wrote {args.rows} rows to {args.out} (the model is ({p['epsilon_rdp']:.3f}, {p['delta']})-DP; "
+                    "sampling spends nothing more)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tramontane.report.utility import evaluate_synthetic
+    from tramontane.synth.dp_schema import infer_schema
+
+    schema = _load_schema(args.schema, args.real_train)
+    train = _read_table(args.real_train, schema)
+    test = _read_table(args.real_test, schema) if args.real_test else None
+    synthetic = _read_table(args.synthetic, schema)
+    if schema is None:  # evaluation only: a schema read off the real table is never released
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            schema = infer_schema(train, allow_non_private=True).schema
+    result = evaluate_synthetic(train, synthetic, schema, test, args.target)
+    if args.json:
+        print(json.dumps(result, default=float))
+    else:
+        rows = [(f"TVD {k}", f"{v:.4f}") for k, v in result["tvd"].items()]
+        rows.append(("exact copies of training rows", f"{result['exact_match_share']:.4f}"))
+        for model, d in result.get("ml_efficacy", {}).get("scores", {}).items():
+            for src, sc in d.items():
+                rows.append((f"{model} trained on {src}", f"acc {sc['accuracy']:.4f}  AUC {sc['roc_auc']:.4f}"))
+        _print_table("utility of the synthetic table (not covered by DP: it reads the real rows)", rows)
+    return 0
+
+
+def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
+    def fit_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", help="training table (CSV), or 'adult' for the bundled UCI Adult")
+        p.add_argument("--schema", default=None, help="public schema JSON/YAML (default: inferred with DP)")
+        p.add_argument("--epsilon", type=float, default=None)
+        p.add_argument("--delta", type=float, default=1e-5)
+        p.add_argument("--test", default=None, help="held-out real table for the learning curve and utility")
+        p.add_argument("--fast", action="store_true", help="smaller model, fewer steps (quick, lower utility)")
+        p.add_argument("--steps", type=int, default=None, help="override the number of DP-SGD steps")
+        p.add_argument("--seed", type=int, default=None, help="reproducible initialisation and sampling "
+                       "(the DP noise stays securely random)")
+        p.add_argument("--allow-non-private-schema", action="store_true",
+                       help="infer the schema without DP (NOT private; the report says so)")
+
+    p = sub.add_parser("synth", help="DP synthetic data: fit a private LM on a table, sample, report")
+    fit_options(p)
+    p.add_argument("--out", default=None, help="synthetic CSV to write")
+    p.add_argument("--rows", type=int, default=None, help="rows to sample (default: as many as the input)")
+    p.add_argument("--report", default=None, help="directory for report.json and report.html")
+    p.add_argument("--target", default=None, help="label column for train-on-synthetic, test-on-real")
+    p.add_argument("--save-model", default=None, help="also save the fitted synthesizer here")
+    p.set_defaults(func=cmd_synth, synth_command=None, model=None)
+    synth_sub = p.add_subparsers(dest="synth_command")
+    fit = synth_sub.add_parser("fit", help="fit and save a synthesizer")
+    fit_options(fit)
+    fit.add_argument("--out-model", required=True, help="directory to save the synthesizer to")
+    sample = synth_sub.add_parser("sample", help="sample from a saved synthesizer")
+    sample.add_argument("--model", required=True, help="a directory written by `synth fit`")
+    sample.add_argument("--rows", type=int, required=True)
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("evaluate", help="utility of a synthetic table against the real one")
+    p.add_argument("--real-train", required=True)
+    p.add_argument("--real-test", default=None)
+    p.add_argument("--synthetic", required=True)
+    p.add_argument("--target", default=None)
+    p.add_argument("--schema", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_accounting_commands(sub)
+    _add_synth_commands(sub)
     return parser
 
 

@@ -108,7 +108,7 @@ def _joint_codes(a: pd.Series, b: pd.Series) -> tuple[np.ndarray, np.ndarray, in
     return codes[: len(a)], codes[len(a):], size
 
 
-def _table_codes(
+def table_codes(
     real: pd.DataFrame, other: pd.DataFrame, columns: list[str], bins: MarginalBins
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ra, sa, sizes = [], [], []
@@ -174,7 +174,7 @@ def marginal_tvd(
         raise DataError(
             f"bins have no cut points for numeric column(s) {missing}: fit them on a table that has them"
         )
-    r, s, sizes = _table_codes(real, synthetic, columns, bins)
+    r, s, sizes = table_codes(real, synthetic, columns, bins)
     mean, worst, count, per = {}, {}, {}, {}
     for k in orders:
         if not 1 <= k <= len(columns):

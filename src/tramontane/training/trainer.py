@@ -1,0 +1,285 @@
+"""The training loop: non-private, or DP-SGD with Poisson sampling, a privacy ledger and a hard budget stop.
+
+DP-SGD steps follow Abadi et al. (2016) with the accounting of Mironov et al. (2019): every step samples a
+Poisson batch at rate q = batch_size / N, clips each example's gradient (`tramontane.dp.DPEngine`), adds
+Gaussian noise of std sigma * C, divides by q N, and takes an AdamW step. Each step is appended to the
+privacy ledger *after* it is applied; checkpoints save weights and ledger together, so a resumed run
+continues the ledger exactly.
+
+Budget: with `target_epsilon`, the run refuses to start (`PrivacyBudgetError`, nothing spent) when the
+planned steps would exceed it given what the ledger already holds, and it can never take a step past it.
+With only `target_epsilon` (no `noise_multiplier`), sigma is calibrated so that exactly the planned steps fit.
+
+What the loop records: evaluation losses from `evaluate` (meant for held-out or public data) go into the
+history and checkpoints. The training loss on private batches is passed to `on_step` for a live progress
+display only: it is not differentially private, so it is never stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tramontane import accounting
+from tramontane.accounting import DpSgdEvent, PrivacyLedger
+from tramontane.dp import DPEngine, PoissonSampler, micro_batches
+from tramontane.errors import ConfigError, PrivacyBudgetError
+from tramontane.training.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    """What the loop trains on: examples are indices 0..N-1 of a dataset the objective holds."""
+
+    def rows(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor | None]:
+        """The model input for these examples, and the example id of each input row (None: one row per
+        example). Several rows may belong to one example (augmentation multiplicity); they share a clip."""
+
+    def losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """One loss per input row [R]; each a function of its own row only (e.g. mean token loss)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run (privacy vocabulary as in Opacus)."""
+
+    steps: int
+    batch_size: int  # DP: expected batch size q N of Poisson sampling; non-private: fixed batch size
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.1  # linear decay to lr * this after warm-up
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    micro_batch_size: int = 64  # physical batch: examples per forward/backward
+    private: bool = True
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: calibrate from target_epsilon
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str = "rdp"
+    noise_seed: int | None = None  # None: noise and sampling from the OS CSPRNG (secure)
+    data_seed: int | None = None  # order of non-private batches
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end) when a run_dir is given
+    eval_every: int = 0
+    label: str = "dp-sgd"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.private:
+            if self.delta is None or not 0 < self.delta < 1:
+                raise ConfigError(f"a private run needs delta in (0, 1), got {self.delta}")
+            if self.noise_multiplier is None and self.target_epsilon is None:
+                raise ConfigError("a private run needs noise_multiplier, target_epsilon, or both")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    ledger: PrivacyLedger
+    epsilon: float | None  # None for a non-private run
+    delta: float | None
+    noise_multiplier: float | None
+    sample_rate: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: str | None = None
+
+
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(1, config.steps - config.warmup_steps)
+        done = min(1.0, (step - config.warmup_steps) / span)
+        return 1.0 - (1.0 - config.final_lr_fraction) * done
+    return factor
+
+
+class Trainer:
+    """Train `model` on `objective` over `num_examples` examples; resumable from `run_dir`."""
+
+    def __init__(self, model: nn.Module, objective: Objective, num_examples: int, config: TrainConfig,
+                 run_dir: str | Path | None = None, ledger: PrivacyLedger | None = None,
+                 evaluate: Callable[[nn.Module], float] | None = None,
+                 on_step: StepCallback | None = None) -> None:
+        if num_examples < 1:
+            raise ConfigError("cannot train on an empty dataset")
+        self.model, self.objective, self.num_examples, self.config = model, objective, num_examples, config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.evaluate, self.on_step = evaluate, on_step
+        self.ledger = ledger if ledger is not None else PrivacyLedger()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        if self.run_dir is not None and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            self._resume(ckpt)
+        self.sample_rate = min(1.0, config.batch_size / num_examples) if config.private else None
+        self.noise_multiplier = self._noise_multiplier() if config.private else None
+        self._check_budget()
+
+    # -- privacy set-up -------------------------------------------------------------------------------
+    def _noise_multiplier(self) -> float:
+        c = self.config
+        if c.noise_multiplier is not None:
+            return c.noise_multiplier
+        if len(self.ledger) and self.step == 0:
+            raise ConfigError("the ledger already holds spending: give noise_multiplier explicitly (calibration "
+                              "assumes this run is the only spend)")
+        if self.step > 0:  # resumed: the sigma chosen at the start is in the saved config
+            return float(self._saved_config["noise_multiplier_used"])
+        cal = accounting.calibrate_noise_multiplier(c.target_epsilon, c.delta, self.sample_rate, c.steps,
+                                                    accountant=c.accountant)
+        return cal.noise_multiplier
+
+    def _check_budget(self) -> None:
+        c = self.config
+        self.max_steps = c.steps
+        if not c.private or c.target_epsilon is None:
+            return
+        remaining = c.steps - self.step
+        allowed = accounting.max_steps_within_budget(self.ledger, self.sample_rate, self.noise_multiplier,
+                                                     c.target_epsilon, c.delta, c.accountant,
+                                                     upper=max(remaining, 1), label=c.label)
+        if allowed < remaining:
+            raise PrivacyBudgetError(
+                f"{remaining} more DP-SGD steps at q={self.sample_rate:.4g}, sigma={self.noise_multiplier:.4g} "
+                f"would exceed epsilon={c.target_epsilon} at delta={c.delta} (only {allowed} fit, given the "
+                f"{len(self.ledger)} event(s) already on the ledger). Lower the steps, raise the noise, or "
+                "raise the target; nothing was spent.")
+        self.max_steps = self.step + allowed
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _config_record(self) -> dict[str, Any]:
+        return {**asdict(self.config), "noise_multiplier_used": self.noise_multiplier,
+                "sample_rate_used": self.sample_rate, "num_examples": self.num_examples}
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer)
+        saved = state.config
+        for key in ("private", "batch_size", "max_grad_norm", "delta", "target_epsilon", "label"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ConfigError(f"cannot resume {path}: it was trained with {key}={saved.get(key)!r}, this run "
+                                  f"asks for {getattr(self.config, key)!r}")
+        if saved.get("num_examples") != self.num_examples:
+            raise ConfigError(f"cannot resume {path}: it was trained on {saved.get('num_examples')} examples, "
+                              f"this run has {self.num_examples}")
+        self._saved_config = saved
+        self.step, self.ledger, self.history = state.step, state.ledger, state.history
+        self.scheduler.last_epoch = state.step
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+        if state.rng_state is not None:
+            torch.set_rng_state(state.rng_state)
+        logger.info("resumed %s at step %d", path, self.step)
+
+    def save(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        state = TrainState(self.step, self.ledger, self._config_record(), self.history, torch.get_rng_state())
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, state)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _private_batches(self, steps: int):
+        sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=steps, seed=self.config.noise_seed)
+        yield from sampler
+
+    def _plain_batches(self, steps: int):
+        gen = torch.Generator()
+        gen.manual_seed(self.config.data_seed if self.config.data_seed is not None else torch.seed())
+        size = min(self.config.batch_size, self.num_examples)
+        done = 0
+        while done < steps:
+            order = torch.randperm(self.num_examples, generator=gen).tolist()
+            for start in range(0, self.num_examples - size + 1, size):
+                if done == steps:
+                    return
+                yield order[start:start + size]
+                done += 1
+
+    def _private_step(self, engine: DPEngine, indices: list[int]) -> float:
+        total, rows = 0.0, 0
+        for micro in micro_batches(indices, self.config.micro_batch_size):
+            batch, example_ids = self.objective.rows(micro)
+            with engine.record(example_ids=example_ids):
+                losses = self.objective.losses(self.model, batch)
+                engine.backward(losses)
+            total, rows = total + float(losses.detach().sum()), rows + losses.shape[0]
+        engine.add_noise_and_set_grads(expected_batch_size=self.sample_rate * self.num_examples)
+        return total / max(rows, 1)
+
+    def _plain_step(self, indices: list[int]) -> float:
+        total, rows = 0.0, 0
+        for micro in micro_batches(indices, self.config.micro_batch_size):
+            batch, _ = self.objective.rows(micro)
+            losses = self.objective.losses(self.model, batch)
+            (losses.sum() / len(indices)).backward()
+            total, rows = total + float(losses.detach().sum()), rows + losses.shape[0]
+        return total / max(rows, 1)
+
+    def fit(self) -> TrainResult:
+        c = self.config
+        self.model.train()
+        remaining = c.steps - self.step
+        engine = None
+        if c.private:
+            engine = DPEngine(self.model, max_grad_norm=c.max_grad_norm, noise_multiplier=self.noise_multiplier,
+                              seed=c.noise_seed)
+            batches = self._private_batches(remaining)
+        else:
+            batches = self._plain_batches(remaining)
+        stopped = None
+        for indices in batches:
+            if self.step >= self.max_steps:  # unreachable after _check_budget; kept as a last guard
+                stopped = "privacy budget reached"
+                break
+            if engine is not None:
+                loss = self._private_step(engine, indices)
+            else:
+                loss = self._plain_step(indices)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if c.private:
+                self.ledger.append(DpSgdEvent(self.sample_rate, self.noise_multiplier, 1, c.label))
+            self.step += 1
+            info = {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0], "batch": float(len(indices))}
+            if self.evaluate is not None and c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+                self.model.eval()
+                with torch.no_grad():
+                    info["eval_loss"] = float(self.evaluate(self.model))
+                self.model.train()
+                self.history.append({"step": self.step, "eval_loss": info["eval_loss"]})
+            if self.on_step is not None:
+                self.on_step(self.step, c.steps, info)
+            if self.run_dir is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.save()
+        self.model.eval()
+        self.save()
+        eps = None
+        if c.private:
+            eps = accounting.epsilon(self.ledger, c.delta, c.accountant) if len(self.ledger) else 0.0
+            if c.target_epsilon is not None:
+                assert eps <= c.target_epsilon * (1 + 1e-9), "budget check failed"
+        return TrainResult(self.step, self.ledger, eps, c.delta, self.noise_multiplier, self.sample_rate,
+                           self.history, stopped)

@@ -1,0 +1,243 @@
+"""The engine's privacy mechanics, tested statistically and at their edges: noise std and mean, independence
+of noise across steps and parameters, seeds, the clipping bound, empty batches, refused modules, misuse."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import random_model, tiny_args
+from tramontane.dp import DPEngine, find_unsupported, validate_model
+from tramontane.errors import PrivacyParameterError, TramontaneWarning, UnsupportedModuleError
+
+Z = 6.0  # two-sided windows at 6 standard deviations: a correct engine fails once in ~5e8 runs
+
+
+def _noise_only_grads(model: nn.Module, sigma: float, clip: float, expected: float, seed: int | None) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TramontaneWarning)
+        engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=sigma, seed=seed)
+    engine.add_noise_and_set_grads(expected_batch_size=expected)  # an empty logical batch
+    assert engine.steps == 1
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _std_window(n: int, std: float) -> tuple[float, float]:
+    """Bounds on the sample std of n N(0, std^2) draws: (n-1) s^2 / std^2 ~ chi2(n-1) ~ N(n-1, 2(n-1))."""
+    half = Z * math.sqrt(2 * (n - 1)) / (n - 1)
+    return std * math.sqrt(1 - half), std * math.sqrt(1 + half)
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_noise_has_std_sigma_c_and_mean_zero(seed: int | None) -> None:
+    model = nn.Linear(500, 400, bias=True)  # 200,400 coordinates
+    sigma, clip, expected = 1.3, 0.7, 8.0
+    grads = _noise_only_grads(model, sigma, clip, expected, seed)
+    noise = torch.cat([g.flatten() for g in grads.values()]).double() * expected  # undo the normalisation
+    n, std = noise.numel(), sigma * clip
+    low, high = _std_window(n, std)
+    assert low < noise.std().item() < high, (noise.std().item(), low, high)
+    assert abs(noise.mean().item()) < Z * std / math.sqrt(n)
+    # Coordinates independent: neighbouring coordinates uncorrelated, the bias not a copy of the weight.
+    corr = torch.corrcoef(torch.stack([noise[:-1], noise[1:]]))[0, 1].item()
+    assert abs(corr) < Z / math.sqrt(n)
+    assert not torch.equal(grads["bias"], grads["weight"][0])
+
+
+def test_noise_is_added_to_the_clipped_sum() -> None:
+    model = random_model(tiny_args(), seed=0)
+    tokens = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(0))
+    engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=2.0)
+    with engine.record():
+        logits = model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        engine.backward(losses.view(4, -1).sum(1))
+    clipped = engine.clipped_grad_sum()
+    assert all(p.grad is None for p in model.parameters())  # nothing set before the noise
+    engine.add_noise_and_set_grads(expected_batch_size=3.0)
+    noise = torch.cat([(p.grad * 3.0 - clipped[n]).flatten() for n, p in model.named_parameters()]).double()
+    low, high = _std_window(noise.numel(), 1.0)
+    assert low < noise.std().item() < high
+    assert engine.clipped_grad_sum()["norm.weight"].abs().sum() == 0  # the next step starts from zero
+
+
+def test_seed_warns_and_reproduces_no_seed_does_not() -> None:
+    model = nn.Linear(20, 10)
+    with pytest.warns(TramontaneWarning, match="NOT secure"):
+        DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, seed=7)
+    a = _noise_only_grads(model, 1.0, 1.0, 1.0, seed=7)
+    b = _noise_only_grads(model, 1.0, 1.0, 1.0, seed=7)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without a seed
+        c = _noise_only_grads(model, 1.0, 1.0, 1.0, seed=None)
+        d = _noise_only_grads(model, 1.0, 1.0, 1.0, seed=None)
+    assert not torch.equal(c["weight"], d["weight"])
+
+
+def test_noise_differs_across_steps() -> None:
+    for seed in (3, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TramontaneWarning)
+            model = nn.Linear(20, 10)
+            engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, seed=seed)
+        engine.add_noise_and_set_grads(1.0)
+        first = model.weight.grad.clone()
+        engine.add_noise_and_set_grads(1.0)
+        assert not torch.equal(first, model.weight.grad)
+
+
+def _lm_losses(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    return losses.view(tokens.shape[0], tokens.shape[1] - 1).sum(1)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_every_example_is_clipped_to_the_bound(moe: bool) -> None:
+    """Each example alone through the engine (no noise): its clipped gradient has norm <= C."""
+    model = random_model(tiny_args(moe=moe, tied_embeddings=True), seed=2)
+    tokens = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(3))
+    clip = 0.25
+    with pytest.warns(TramontaneWarning, match="NOT differentially private"):
+        engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=0.0)
+    for i in range(tokens.shape[0]):
+        with engine.record():
+            engine.backward(_lm_losses(model, tokens[i:i + 1]))
+        assert engine.per_example_norms.item() > 10 * clip  # clipping is active
+        total = torch.sqrt(sum(g.double().pow(2).sum() for g in engine.clipped_grad_sum().values()))
+        assert total.item() <= clip * (1 + 1e-5)
+        assert total.item() >= clip * (1 - 1e-4)  # ... and not clipped to much less
+        engine.reset()
+
+
+def test_empty_micro_batch_and_empty_step() -> None:
+    model = random_model(tiny_args(), seed=0)
+    engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
+    with engine.record():  # a zero-example micro-batch through the model
+        engine.backward(_lm_losses(model, torch.zeros(0, 9, dtype=torch.long)))
+    assert engine.per_example_norms.shape == (0,) and engine.examples_in_step == 0
+    with engine.record():  # nothing at all
+        pass
+    engine.add_noise_and_set_grads(expected_batch_size=2.0)
+    assert engine.steps == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+class MixesExamples(nn.Module):
+    """A custom layer fed time-major: dim 0 is not the example axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_unsupported_modules_are_named() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Sequential(nn.LSTM(4, 4)),
+                          nn.Embedding(5, 4, scale_grad_by_freq=True), nn.MultiheadAttention(4, 2),
+                          nn.InstanceNorm1d(4, track_running_stats=True), nn.Embedding(5, 4, max_norm=1.0))
+    names = [name for name, _, _ in find_unsupported(model)]
+    assert names == ["1", "2.0", "3", "4", "5", "6"]
+    with pytest.raises(UnsupportedModuleError, match=r"6 module\(s\)[\s\S]*1 \(BatchNorm1d\)[\s\S]*2.0 \(LSTM\)"):
+        DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
+    validate_model(nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.MultiheadAttention(4, 2, batch_first=True)))
+    engine = DPEngine(MixesExamples(), max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(UnsupportedModuleError, match="dim 0 must be the example axis"), engine.record():
+        engine.backward(engine.model(torch.randn(3, 5, 4)).sum((1, 2)))
+    assert all(p.requires_grad for p in engine.model.parameters())  # restored after the error
+
+
+def test_parameter_and_usage_errors() -> None:
+    model = nn.Linear(3, 2)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(PrivacyParameterError):
+            DPEngine(model, max_grad_norm=bad, noise_multiplier=1.0)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(PrivacyParameterError):
+            DPEngine(model, max_grad_norm=1.0, noise_multiplier=bad)
+    engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(PrivacyParameterError):
+        engine.add_noise_and_set_grads(expected_batch_size=0)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="one loss per example"), engine.record():
+        engine.backward(model(x))  # [B, 2]: not per-example losses
+    with pytest.raises(RuntimeError, match="no gradient reached"), engine.record():
+        model(x)
+    with pytest.raises(RuntimeError, match="inside"):
+        engine.backward(model(x).sum(1))
+    with pytest.raises(RuntimeError, match="ran twice"), engine.record():
+        model(x)
+        model(x)
+    with pytest.raises(ValueError, match="4 examples"), engine.record(example_ids=[0, 1, 2]):
+        model(x)
+    assert model.weight.requires_grad and model.weight.grad is None
+
+
+def test_compute_noisy_grads_is_record_then_noise() -> None:
+    """The one-call step equals the manual one (same seed, same micro-batches), and the noise is there."""
+    tokens = torch.randint(0, 97, (5, 9), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for manual in (True, False):
+        model = random_model(tiny_args(), seed=0)
+        with pytest.warns(TramontaneWarning):
+            engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.3, seed=11)
+        micro = [tokens[:2], tokens[2:]]
+        if manual:
+            for part in micro:
+                with engine.record():
+                    engine.backward(_lm_losses(model, part))
+            engine.add_noise_and_set_grads(expected_batch_size=5.0)
+        else:
+            engine.compute_noisy_grads(_lm_losses, micro, expected_batch_size=5.0)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+class UsesWeightOutsideForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(self.mid(self.emb(tokens))), self.emb.weight)  # head tied by hand
+
+
+class CentresOverBatch(nn.Module):
+    """Mixes examples without any parameter of its own: invisible to the validator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.out = nn.Linear(6, 11)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        return self.out(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize(("make", "match"), [(UsesWeightOutsideForward, "outside their module's forward"),
+                                              (CentresOverBatch, "mixes examples")])
+def test_verify_catches_what_hooks_cannot_see(make, match: str) -> None:
+    torch.manual_seed(0)
+    model = make()
+    tokens = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(0))
+    engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(UnsupportedModuleError, match=match):
+        engine.verify(_lm_losses, tokens)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_verify_passes_on_the_models(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe, tied_embeddings=True), seed=0)
+    engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
+    engine.verify(_lm_losses, torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0)))
+    assert engine.examples_in_step == 0 and all(p.grad is None for p in model.parameters())
