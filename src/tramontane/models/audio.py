@@ -47,14 +47,15 @@ from tramontane.generation import Completion, SamplingParams
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
 from tramontane.models.checkpoint import (
-    check_tensors,
-    resolve_dtype,
-    scan_tensors,
-    weight_files,
     args_from_hf_config,
+    check_tensors,
     detect_format,
     hf_names,
     permute_from_hf,
+    read_json_object,
+    resolve_dtype,
+    scan_tensors,
+    weight_files,
 )
 from tramontane.models.multimodal import generate_with_embeddings, splice_embeddings
 from tramontane.models.transformer import Transformer
@@ -593,14 +594,14 @@ def load_voxtral(
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "consolidated":
-        params = _read_json(path / "params.json")
+        params = read_json_object(path / "params.json")
         if not isinstance(params.get("multimodal"), dict):
             raise ConfigError(f"{path / 'params.json'} has no 'multimodal' section: not a Voxtral checkpoint "
                               "(load text models with tramontane.models.checkpoint.load_model)")
         audio_args = AudioEncoderArgs.from_params(params.pop("multimodal"))
         args, token_id = ModelArgs.from_params(params), AUDIO_TOKEN_ID
     else:
-        args, audio_args, token_id = args_from_hf_voxtral_config(_read_json(path / "config.json"))
+        args, audio_args, token_id = args_from_hf_voxtral_config(read_json_object(path / "config.json"))
     entries = scan_tensors(weight_files(path, fmt))  # headers only
     quantized = sorted(k for k, e in entries.items() if e.dtype not in _FLOAT_TAGS)
     if quantized:
@@ -712,16 +713,6 @@ def _check_positions(file: Path, key: str, args: AudioEncoderArgs) -> None:
             f"(shape {list(table.shape)}, max |difference| {gap:.3g}); Voxtral computes these positions, so "
             "other (learned or randomly initialised) ones are not supported"
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
 
 
 __all__ = [

@@ -173,13 +173,7 @@ def load_args(path: str | Path, *, format: Format | None = None) -> ModelArgs:
         if args.extra.get("quantization"):
             raise ConfigError(f"{path / 'params.json'} describes a quantized checkpoint; not supported")
         return args
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path / 'config.json'} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path / 'config.json'} must hold a JSON object")
-    return args_from_hf_config(config)
+    return args_from_hf_config(read_json_object(path / "config.json"))
 
 
 def read_state_dict(
@@ -582,8 +576,8 @@ def _write_dir_atomically(path: Path, files: dict[str, Any], overwrite: bool) ->
             else:
                 save_file(content, str(tmp / name), metadata={"format": "pt"})
             os.chmod(tmp / name, file_mode)
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
             os.replace(path, old)
@@ -595,14 +589,26 @@ def _write_dir_atomically(path: Path, files: dict[str, Any], overwrite: bool) ->
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _fsync(path: Path) -> None:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (params.json, config.json), or a ConfigError saying what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk (so a rename that follows is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -35,14 +35,15 @@ from tramontane.generation import Completion, SamplingParams
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
 from tramontane.models.checkpoint import (
-    check_tensors,
-    resolve_dtype,
-    scan_tensors,
-    weight_files,
     args_from_hf_config,
+    check_tensors,
     hf_names,
     permute_from_hf,
     permute_to_hf,
+    read_json_object,
+    resolve_dtype,
+    scan_tensors,
+    weight_files,
 )
 from tramontane.models.layers import AttentionContext, RMSNorm
 from tramontane.models.multimodal import generate_with_embeddings, splice_embeddings
@@ -637,7 +638,7 @@ def load_vision_language_model(
     target_dtype = resolve_dtype(dtype)
     if (path / "params.json").is_file():
         fmt = "consolidated"
-        params = _read_json(path / "params.json")
+        params = read_json_object(path / "params.json")
         if "vision_encoder" not in params:
             raise CheckpointError(f"{path / 'params.json'} has no 'vision_encoder' section: a text-only "
                                   "checkpoint, load it with tramontane.models.checkpoint.load_model")
@@ -645,7 +646,7 @@ def load_vision_language_model(
         args = ModelArgs.from_params({k: v for k, v in params.items() if k != "vision_encoder"})
     elif (path / "config.json").is_file():
         fmt = "hf"
-        config = _read_json(path / "config.json")
+        config = read_json_object(path / "config.json")
         args, vision_args = args_from_hf_vision_config(config)
     else:
         raise CheckpointError(f"{path} has neither params.json (consolidated) nor config.json (Hugging Face)")
@@ -684,16 +685,6 @@ def load_vision_language_model(
     if args.tied_embeddings:  # assign=True wrapped the shared tensor in two Parameters: tie them again
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
 
 
 __all__ = [

@@ -23,6 +23,7 @@ from torch import nn
 
 from tramontane.accounting import PrivacyLedger
 from tramontane.errors import CheckpointError
+from tramontane.models.checkpoint import fsync_path
 
 META_FORMAT = "tramontane.training_checkpoint"
 META_VERSION = 1
@@ -37,14 +38,6 @@ class TrainState:
     config: dict[str, Any]
     history: list[dict[str, float]]
     rng_state: torch.Tensor | None = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -116,7 +109,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_path(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
