@@ -146,9 +146,11 @@ def test_unsupported_modules_are_named() -> None:
                           nn.InstanceNorm1d(4, track_running_stats=True), nn.Embedding(5, 4, max_norm=1.0))
     names = [name for name, _, _ in find_unsupported(model)]
     assert names == ["1", "2.0", "3", "4", "5", "6"]
-    with pytest.raises(UnsupportedModuleError, match=r"6 module\(s\)[\s\S]*1 \(BatchNorm1d\)[\s\S]*2.0 \(LSTM\)"):
+    expected = r"6 module\(s\)[\s\S]*1 \(BatchNorm1d\)[\s\S]*2.0 \(LSTM\)"
+    with pytest.raises(UnsupportedModuleError, match=expected):
         DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
-    validate_model(nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.MultiheadAttention(4, 2, batch_first=True)))
+    validate_model(nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4),
+                                 nn.MultiheadAttention(4, 2, batch_first=True)))
     engine = DPEngine(MixesExamples(), max_grad_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(UnsupportedModuleError, match="dim 0 must be the example axis"), engine.record():
         engine.backward(engine.model(torch.randn(3, 5, 4)).sum((1, 2)))
@@ -238,6 +240,24 @@ def test_verify_catches_what_hooks_cannot_see(make, match: str) -> None:
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_verify_passes_on_the_models(moe: bool) -> None:
     model = random_model(tiny_args(moe=moe, tied_embeddings=True), seed=0)
+    model.layers[0].attention.wq = nn.Sequential(nn.Dropout(0.3), model.layers[0].attention.wq)
+    model.train()  # dropout active: verify must replay the same masks
     engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
     engine.verify(_lm_losses, torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0)))
     assert engine.examples_in_step == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_activation_checkpointing_is_refused() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=False))
+
+    engine = DPEngine(Checkpointed(), max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(UnsupportedModuleError, match="checkpointing"), engine.record():
+        engine.backward(engine.model(torch.randn(3, 4, requires_grad=True)).sum(1))

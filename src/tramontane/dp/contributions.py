@@ -70,11 +70,6 @@ class Contribution:
     def add_clipped_sum_(self, out: torch.Tensor, clip: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def clipped_sum(self, clip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(like)
-        self.add_clipped_sum_(out, clip)
-        return out
-
     def per_example(self) -> torch.Tensor:
         raise NotImplementedError
 

@@ -325,6 +325,7 @@ class DPEngine:
         `UnsupportedModuleError` naming what failed. Nothing is added to the step; `.grad` is untouched.
         """
         clip, self.max_grad_norm = self.max_grad_norm, math.inf
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         try:
             with self.record():
                 self.backward(per_example_losses(self.model, batch))
@@ -342,6 +343,9 @@ class DPEngine:
         def close(x: torch.Tensor, y: torch.Tensor) -> bool:
             return bool((x - y).norm() <= rtol * max(y.norm().item(), x.norm().item()) + 1e-12)
 
+        torch.set_rng_state(rng[0])  # the same dropout masks in both forwards
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
         losses = per_example_losses(self.model, batch)
         batch_grads = grads_of(losses.sum())
         missed = [name for (name, _), ref in zip(self._named, batch_grads) if not close(ours[name], ref)]
@@ -385,6 +389,10 @@ class DPEngine:
         if not rec.active or not torch.is_grad_enabled():
             return None
         name, rule, params = self._plan[module]
+        if rec.grads_seen:
+            raise UnsupportedModuleError(
+                f"{name} ran forward after the backward pass started (activation checkpointing, or a second "
+                "forward in one engine.record() block); neither is supported")
         output_leaf, leaves, spec = None, None, None
         if not isinstance(output, torch.Tensor):
             leaves, spec = tree_flatten(output)
@@ -400,6 +408,10 @@ class DPEngine:
         if rec.batch_size is None:
             rec.set_batch_size(lead.shape[0] if lead.dim() else 0)
         in_moe = module in self._moe_member
+        if in_moe and isinstance(rule, FunctionalRule):
+            raise UnsupportedModuleError(
+                f"{name} ({type(module).__name__}) runs inside an MoE expert, on token rows of several "
+                "examples mixed; only nn.Linear, nn.Embedding and norm layers are supported there")
         if module in self._moe_gates:  # the router sees [B*T, dim]: example-major token rows
             ok = lead.dim() > 0 and lead.shape[0] % max(rec.batch_size, 1) == 0
         else:

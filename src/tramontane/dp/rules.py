@@ -109,6 +109,9 @@ class LinearRule(Rule):
         if "weight" in want:
             a = ctx.padded(saved, layout)  # G P i
             g = layout.pad(grad_out)  # G P o
+            if a.dtype != g.dtype:  # autocast: fp32 input, half-precision output gradient
+                dtype = torch.promote_types(a.dtype, g.dtype)
+                a, g = a.to(dtype), g.to(dtype)
             strategy = ctx.linear_strategy
             if strategy == "auto":
                 shared = ctx.is_shared(module.weight)  # tied / reused: keep the factors for cross terms
@@ -222,8 +225,8 @@ class FunctionalRule(Rule):
         batch = grad_out.shape[0]
         if batch != ctx.batch_size:
             raise UnsupportedModuleError(
-                f"{type(module).__name__} receives rows of several examples mixed (e.g. inside an MoE "
-                "expert); only nn.Linear, nn.Embedding and norm layers are supported there")
+                f"{type(module).__name__} returns {batch} rows for a batch of {ctx.batch_size} examples: "
+                "dim 0 of its output must be the example axis")
         leaves, spec, output_leaf = saved
         batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in leaves]
         inputs = [t for t, b in zip(leaves, batched) if b]
