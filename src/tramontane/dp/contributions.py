@@ -19,6 +19,8 @@ embedding's rows/width.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +63,20 @@ def _batched_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.reshape(g, 1, -1), y.reshape(g, -1, 1)).view(g)
 
 
-class Contribution:
+class Contribution(ABC):
     """Base class; see the module docstring."""
 
+    @abstractmethod
     def sq_norms(self) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def add_clipped_sum_(self, out: torch.Tensor, clip: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def per_example(self) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def factors(self) -> tuple[Factor, Factor] | None:
         return None

@@ -15,6 +15,7 @@ Every rule assumes the module treats the rows of its input independently (no mix
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 import torch
@@ -52,7 +53,7 @@ def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
     return x
 
 
-class Rule:
+class Rule(ABC):
     """How one module type's own parameters get per-example gradients."""
 
     param_names: tuple[str, ...] = ()
@@ -65,11 +66,12 @@ class Rule:
     def feat_dims_of(self, module: nn.Module) -> int:
         return self.feat_dims
 
+    @abstractmethod
     def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any,
                 output_leaf: int | None) -> Any:
         """What to keep from the forward call (detached); `output_leaf`: which leaf of a tuple output is
         differentiated (None: the output is one tensor)."""
-        raise NotImplementedError
+        ...
 
     def rows_of(self, saved: Any) -> torch.Tensor:
         """The saved tensor whose leading axes are the rows (for the layout checks)."""
@@ -79,9 +81,10 @@ class Rule:
         """Saved tensors that an in-place update after the forward would invalidate (checked by version)."""
         return [t for t in tree_flatten(saved)[0] if isinstance(t, torch.Tensor)]
 
+    @abstractmethod
     def contributions(self, module: nn.Module, saved: Any, grad_out: torch.Tensor, layout: Layout,
                       want: list[str], ctx: RuleContext) -> dict[str, Contribution]:
-        raise NotImplementedError
+        ...
 
 
 class LinearRule(Rule):
