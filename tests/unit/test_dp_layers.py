@@ -85,7 +85,8 @@ def assert_matches_oracle(model, losses_fn, rows, groups=None, example_ids=None,
 def _sin_losses(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A nonlinear per-row loss, so output gradients differ row to row and token to token."""
     out = model(x)
-    return (out.sin() * torch.linspace(0.5, 1.5, out.shape[-1], dtype=out.dtype)).reshape(out.shape[0], -1).sum(1)
+    weights = torch.linspace(0.5, 1.5, out.shape[-1], dtype=out.dtype)
+    return (out.sin() * weights).reshape(out.shape[0], -1).sum(1)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -117,7 +118,8 @@ def test_embedding_with_repeated_tokens_and_padding_idx() -> None:
 
 
 @pytest.mark.parametrize("make", [lambda: RMSNorm(6, 1e-5), lambda: nn.LayerNorm(6), lambda: nn.RMSNorm(6),
-                                  lambda: nn.LayerNorm((3, 6))], ids=["RMSNorm", "LayerNorm", "nnRMSNorm", "LN2d"])
+                                  lambda: nn.LayerNorm((3, 6))],
+                         ids=["RMSNorm", "LayerNorm", "nnRMSNorm", "LN2d"])
 def test_norm_layers(make) -> None:
     torch.manual_seed(0)
     model = make().to(DTYPE)
@@ -187,7 +189,7 @@ class TiedLM(nn.Module):
 
 def _lm_losses(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     logits = model(tokens[:, :-1])
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+    losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].reshape(-1), reduction="none")
     return losses.view(tokens.shape[0], -1).sum(1)
 
 
