@@ -449,6 +449,109 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+# -- privacy measurement: bounds and audits -----------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def cmd_bounds(args: argparse.Namespace) -> int:
+    """What a DP-SGD setting or a saved ledger means: MI advantage, confidence and reconstruction bounds."""
+    from tramontane.accounting import DpSgdEvent, PrivacyLedger
+    from tramontane.audit.card import ledger_bounds, read_ledger
+
+    setting = (args.sample_rate, args.noise_multiplier, args.steps)
+    if args.ledger is not None:
+        if any(v is not None for v in setting):
+            raise TramontaneError("give either --ledger or --sample-rate/--noise-multiplier/--steps, "
+                                  "not both")
+        ledger, saved_delta = read_ledger(args.ledger)
+    elif all(v is not None for v in setting):
+        ledger, saved_delta = PrivacyLedger([DpSgdEvent(*setting)]), None
+    else:
+        raise TramontaneError("give --sample-rate Q --noise-multiplier SIGMA --steps S, or --ledger FILE")
+    delta = args.delta if args.delta is not None else saved_delta if saved_delta is not None else 1e-5
+    result = ledger_bounds(ledger, delta, args.values)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table("what the privacy guarantee means (tramontane.audit)",
+                     [(k, _show(v)) for k, v in result.items()])
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """CANIFE and membership inference on a saved synthesizer, beside its theoretical bounds."""
+    from tramontane.audit.card import privacy_card
+    from tramontane.audit.synth_audit import AuditConfig, audit_synthesizer, write_audit_files
+    from tramontane.synth.synthesizer import Synthesizer
+
+    synth = Synthesizer.load(args.model)
+    data = _read_table(args.data, synth.schema)
+    holdout_path = args.holdout or ("adult-test" if args.data in ("adult", "adult-train") else None)
+    holdout = _read_table(holdout_path, synth.schema) if holdout_path else None
+    config = AuditConfig(rounds=args.rounds, canary=args.canary, design_pool=args.design_pool,
+                         craft_steps=args.craft_steps, membership_rows=args.membership_rows,
+                         shadows=args.shadows, seed=args.seed)
+    with _Progress("replaying DP-SGD steps") as progress:
+        audit = audit_synthesizer(synth, data, holdout, config, on_round=lambda r, n: progress(r, n, {}))
+    card = privacy_card(synth.ledger, synth.delta, synth.schema, audit)
+    if args.out:
+        for path in write_audit_files(args.out, card, audit):
+            _stderr().print(f"wrote {path}")
+    if args.json:
+        print(json.dumps({"card": card, "audit": audit.to_dict()}, default=float))
+    else:
+        _print_table(f"privacy report card of {args.model}", [(k, _show(v)) for k, v in card.items()])
+        s, e = audit.step, audit.step.estimate
+        _print_table("CANIFE, one replayed DP-SGD step", [
+            ("canary", s.canary),
+            ("expected signal (1 = ideal canary)", _show(audit.canary_expected_signal)),
+            ("measured signal", _show(s.signal)),
+            ("empirical epsilon", f"{_show(e.epsilon)} [{_show(e.low)}, {_show(e.high)}] "
+                                  f"at delta {e.delta:.3g}"),
+            ("theoretical epsilon (one Gaussian step)",
+             f"{_show(s.theoretical_epsilon)} at delta {s.delta:.3g}")])
+        if audit.membership is not None:
+            m = audit.membership
+            _print_table("loss-threshold membership attack (training vs held-out rows)",
+                         [("AUC", _show(m.auc)), ("advantage", _show(m.advantage)),
+                          *[(f"TPR at FPR {k}", _show(v)) for k, v in m.tpr_at_fpr.items()]])
+    return 0
+
+
+def _add_audit_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bounds", help="membership-inference and reconstruction bounds of a DP-SGD run or "
+                       "a ledger")
+    p.add_argument("--sample-rate", type=float, default=None, help="Poisson sampling rate q = batch / N")
+    p.add_argument("--noise-multiplier", type=float, default=None, help="sigma")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--ledger", default=None, help="a privacy ledger JSON file or a saved synthesizer "
+                   "directory")
+    p.add_argument("--delta", type=float, default=None, help="default: the saved one, else 1e-5")
+    p.add_argument("--values", type=int, default=None,
+                   help="M: bound the chance of reconstructing a value drawn uniformly from M")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bounds)
+
+    p = sub.add_parser("audit", help="empirical privacy audit (CANIFE, membership inference) of a "
+                       "synthesizer")
+    p.add_argument("--model", required=True, help="a directory written by `synth fit` / `--save-model`")
+    p.add_argument("--data", required=True, help="the training table (CSV), or 'adult'")
+    p.add_argument("--holdout", default=None, help="held-out rows for membership inference (default for "
+                   "adult: adult-test)")
+    p.add_argument("--rounds", type=int, default=100, help="replayed DP-SGD steps (half with the canary)")
+    p.add_argument("--canary", choices=["input", "gradient"], default="input")
+    p.add_argument("--design-pool", type=int, default=32)
+    p.add_argument("--craft-steps", type=int, default=60)
+    p.add_argument("--membership-rows", type=int, default=2000)
+    p.add_argument("--shadows", type=int, default=0, help="LiRA shadow synthesizers (each a full fit)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the audit's batches, noise and crafting")
+    p.add_argument("--out", default=None, help="directory for audit.json and the plots")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_accounting_commands(sub)
     _add_synth_commands(sub)
+    _add_audit_commands(sub)
     return parser
 
 

@@ -274,6 +274,12 @@ def synthesizer_report(synth: Any, real_train: pd.DataFrame | None = None, synth
             "seconds": summary["seconds"], "model_parameters": synth.model.args.num_parameters(),
             "heldout_curve": summary["eval_curve"]},
     }
+    if len(synth.ledger):
+        from tramontane.audit.card import privacy_card
+
+        # What the ledger's epsilon means: membership-inference advantage, confidence and per-column
+        # reconstruction bounds (all functions of the ledger alone, so they may be released).
+        report["bounds"] = privacy_card(synth.ledger, synth.delta, schema)
     if real_train is not None and synthetic is not None:
         test_ll = synth.log_likelihood(real_test) if real_test is not None else None
         report["utility"] = evaluate_synthetic(real_train, synthetic, schema, real_test, target, test_ll)
