@@ -17,6 +17,7 @@ from tramontane.accounting.accountants import (
     calibrate_noise_multiplier,
     delta,
     epsilon,
+    ledger_events,
     privacy_spent,
     rdp_curve,
 )
@@ -60,7 +61,8 @@ __all__ = [
     "NoiseCalibration", "PrivacyEvent", "PrivacyLedger", "PrivacySpent", "SimulatedSetting", "TanPlan",
     "TanReport",
     "calibrate_noise_multiplier", "delta", "epochs_for_steps", "eps_tan", "epsilon", "eta", "eta_for_eps_tan",
-    "eta_step", "event_from_dict", "max_steps_within_budget", "noise_multiplier_for_batch", "plan_constant_tan", "privacy_spent",
+    "eta_step", "event_from_dict", "ledger_events", "max_steps_within_budget", "noise_multiplier_for_batch",
+    "plan_constant_tan", "privacy_spent",
     "rdp_curve", "scale_batch_and_noise", "scale_batch_and_steps", "simulated_setting", "tan_report",
     "total_amount_of_noise",
 ]

@@ -91,7 +91,8 @@ class NoiseCalibration:
         assert self.epsilon <= self.target_epsilon, "calibration must never exceed its target"
 
 
-def _events_of(events: LedgerLike) -> tuple[PrivacyEvent, ...]:
+def ledger_events(events: LedgerLike) -> tuple[PrivacyEvent, ...]:
+    """The events of a ledger, a single event or an iterable of events, as a tuple."""
     if isinstance(events, (DpSgdEvent, GaussianEvent, EpsilonDeltaEvent)):
         return (events,)
     out = tuple(events)
@@ -111,7 +112,7 @@ def _split(events: LedgerLike) -> tuple[list[dp_accounting.DpEvent], float, floa
     """Mechanism events that spend something, and the summed (epsilon, delta) of declared events."""
     mechanisms: list[dp_accounting.DpEvent] = []
     declared_eps, declared_delta, labels = 0.0, 0.0, []
-    for event in _events_of(events):
+    for event in ledger_events(events):
         if event.spends_nothing:
             continue  # q = 0, zero steps or zero releases: the output does not depend on the data
         if isinstance(event, EpsilonDeltaEvent):

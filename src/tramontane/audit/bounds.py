@@ -59,21 +59,11 @@ from tramontane.accounting import (
     GaussianEvent,
     LedgerLike,
     PrivacyEvent,
+    ledger_events,
 )
 from tramontane.accounting.events import check_count, check_delta, check_epsilon, check_noise_multiplier, \
     check_sample_rate
 from tramontane.errors import PrivacyParameterError
-
-
-def ledger_events(events: LedgerLike) -> tuple[PrivacyEvent, ...]:
-    """The events of a ledger, a single event or an iterable of events, as a tuple."""
-    if isinstance(events, (DpSgdEvent, GaussianEvent, EpsilonDeltaEvent)):
-        return (events,)
-    out = tuple(events)
-    for event in out:
-        if not isinstance(event, (DpSgdEvent, GaussianEvent, EpsilonDeltaEvent)):
-            raise PrivacyParameterError(f"not a privacy event: {event!r}")
-    return out
 
 
 def split_events(events: LedgerLike) -> tuple[list[DpSgdEvent | GaussianEvent], list[EpsilonDeltaEvent]]:

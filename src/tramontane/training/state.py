@@ -81,7 +81,7 @@ def _param_index_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> di
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainState, keep: int = 2) -> Path:
-    """Write `run_dir/step-XXXXXXX/` and point `run_dir/latest` at it; keep the newest `keep` checkpoints."""
+    """Write `run_dir/step-<7-digit step>/` and point `run_dir/latest` at it; keep the newest `keep` checkpoints."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{state.step:07d}"
