@@ -76,38 +76,92 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None):
+    import torch
+
+    from tramontane.models.vision import check_tokenizer, load_vision_language_model
+    from tramontane.tokenizer import Tokenizer
+
+    model = load_vision_language_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+    tokenizer = Tokenizer.from_model_dir(model_dir)
+    check_tokenizer(tokenizer, model.vision_args)
+    return model, tokenizer
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from tramontane.generation import decode_steps
 
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
-    messages: list[dict[str, Any]] = []
+    if args.image:
+        from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+        from mistral_common.protocol.instruct.messages import UserMessage
+
+        from tramontane.models.vision import generate_with_images, load_image
+
+        model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype)
+        pictures = [load_image(path) for path in args.image]
+    else:
+        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
+    messages: list[Any] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     err = _stderr()
-    err.print("type a message; an empty line or Ctrl-D ends the chat")
+    err.print("type a message; an empty line or Ctrl-D ends the chat"
+              + (f" ({len(args.image)} image(s) go with the first message)" if args.image else ""))
     turn = 0
     while True:
         err.print("[bold]> [/bold]", end="")
         line = sys.stdin.readline()
         if not line or not line.strip():
             return 0
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = tokenizer.encode_chat(messages)
+        text = line.rstrip("\n")
+        if args.image and turn == 0:
+            messages.append(UserMessage(content=[ImageChunk(image=p) for p in pictures] + [TextChunk(text=text)]))
+        else:
+            messages.append({"role": "user", "content": text})
         params = _sampling(args)
         if params.seed is not None:  # a new but reproducible draw each turn
             params.seed += turn
-        decoder = tokenizer.incremental_decoder(prompt)
-        reply: list[int] = []
-        for new, _, finished in decode_steps(model, [prompt], params, eos_id=tokenizer.eos_id):
-            if bool(finished[0]):
-                break
-            reply.append(int(new[0]))
-            sys.stdout.write(decoder.push([int(new[0])]))
+        if args.image:  # images: the whole reply at once (prefill reads the spliced image features)
+            import numpy as np
+            import torch
+
+            tokenized = tokenizer.encode_chat_full(messages)
+            images = [torch.from_numpy(np.ascontiguousarray(a)) for a in tokenized.images]
+            [completion] = generate_with_images(model, [list(tokenized.tokens)], [images], params,
+                                                eos_id=tokenizer.eos_id)
+            reply = completion.tokens
+            print(tokenizer.decode(reply), flush=True)
+        else:
+            prompt = tokenizer.encode_chat(messages)
+            decoder = tokenizer.incremental_decoder(prompt)
+            reply = []
+            for new, _, finished in decode_steps(model, [prompt], params, eos_id=tokenizer.eos_id):
+                if bool(finished[0]):
+                    break
+                reply.append(int(new[0]))
+                sys.stdout.write(decoder.push([int(new[0])]))
+                sys.stdout.flush()
+            sys.stdout.write(decoder.flush() + "\n")
             sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
-        sys.stdout.flush()
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
         turn += 1
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Speech to text with a Voxtral checkpoint (the prompt is built by mistral_common)."""
+    import torch
+
+    from tramontane.models.audio import load_audio, load_voxtral, transcribe
+    from tramontane.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    model = load_voxtral(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    tokenizer = Tokenizer.from_model_dir(args.model)
+    audio = load_audio(args.audio)
+    _stderr().print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s; "
+                    f"{len(audio.audio_array) / audio.sampling_rate:.1f} s of audio")
+    print(transcribe(model, tokenizer, audio, language=args.language, params=_sampling(args)))
+    return 0
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -127,9 +181,17 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print tokens, text, logprobs as one JSON object")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("transcribe", help="transcribe speech with a Voxtral model")
+    common(p, temperature=0.0)
+    p.add_argument("audio", help="audio file (WAV, FLAC, OGG, MP3); resampled to 16 kHz if needed")
+    p.add_argument("--language", default=None, help="language code, e.g. en (default: let the model tell)")
+    p.set_defaults(func=cmd_transcribe)
+
     p = sub.add_parser("chat", help="interactive chat with an instruct model")
     common(p, temperature=0.7)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file for the first message (repeatable; needs a Pixtral / Mistral-3 checkpoint)")
     p.set_defaults(func=cmd_chat)
 
 

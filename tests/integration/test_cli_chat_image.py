@@ -1,0 +1,55 @@
+"""`tramontane chat --image` end to end on a tiny LLaVA/Pixtral checkpoint written by transformers, with the
+multimodal v7 tokenizer mistral_common ships."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tramontane.cli import main
+from tramontane.generation import SamplingParams
+from tramontane.models.vision import encode_image_prompt, generate_with_images, load_vision_language_model
+from tramontane.tokenizer import Tokenizer
+
+from tests.equivalence.test_vision_hf import hf_model
+
+
+def test_chat_with_an_image_replies_what_the_library_generates(tmp_path: Path, monkeypatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = Tokenizer.builtin("v7-mm")
+    hf = hf_model("llava", seed=4, patch_size=16, vocab_size=tokenizer.vocab_size, image_size=128)
+    checkpoint = tmp_path / "pixtral"
+    hf.save_pretrained(checkpoint)
+    shutil.copy(tokenizer.path, checkpoint / tokenizer.path.name)
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(picture)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Describe it.\n\n"))
+    assert main(["chat", "--model", str(checkpoint), "--image", str(picture), "--max-tokens", "5",
+                 "--temperature", "0"]) == 0
+    reply = capsys.readouterr().out.splitlines()[0]
+
+    model = load_vision_language_model(checkpoint)
+    tokens, images = encode_image_prompt(tokenizer, "Describe it.", [picture])
+    [expected] = generate_with_images(model, [tokens], [images], SamplingParams(max_tokens=5),
+                                      eos_id=tokenizer.eos_id)
+    assert reply == tokenizer.decode(expected.tokens)
+    assert tokens.count(10) > 0  # the prompt really carries [IMG] tokens
+
+
+def test_chat_with_an_unreadable_image_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = Tokenizer.builtin("v7-mm")
+    hf = hf_model("llava", seed=4, patch_size=16, vocab_size=tokenizer.vocab_size, image_size=128)
+    checkpoint = tmp_path / "pixtral"
+    hf.save_pretrained(checkpoint)
+    shutil.copy(tokenizer.path, checkpoint / tokenizer.path.name)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    assert main(["chat", "--model", str(checkpoint), "--image", str(bad)]) == 2
+    assert "error:" in capsys.readouterr().err
