@@ -121,8 +121,9 @@ def test_composition_of_infinite_and_tiny_estimates() -> None:
     theory = accounting.epsilon(DpSgdEvent(0.01, 2.0, 100), 1e-5)
     assert compose_estimates([(perfect, 100)], 0.01, 1e-5, 2.0).epsilon == pytest.approx(theory)
     null = empirical_epsilon(np.zeros(50), np.zeros(50))
-    floor = compose_estimates([(null, 100)], 0.01, 1e-5, 2.0)  # raised to CANIFE's 0.15
+    floor = compose_estimates([(null, 100)], 0.01, 1e-5, 2.0)  # raised to CANIFE's 0.15 ...
     assert 0 < floor.epsilon < theory
+    assert floor.low == 0.0  # ... but a lower end of 0 certifies nothing and stays 0
 
 
 def test_roc_auc_and_tpr_at_fpr_match_sklearn() -> None:

@@ -29,10 +29,11 @@ compare with theory; the point estimate is CANIFE's headline number, reported as
 Composition (CANIFE `calculate_global_eps`): each per-step estimate eps_hat becomes the noise multiplier
 sigma_hat of a single unsampled Gaussian step that is eps_hat-DP at the estimator's delta (RDP accountant,
 as CANIFE via Opacus); the measured steps are then re-accounted as DP-SGD with the run's real sampling
-rate, sigma_hat and their number of steps, and converted at the run's delta. Estimates below
-`min_epsilon` (CANIFE: 0.15) are raised to it, since no finite noise reaches epsilon 0; an infinite
-estimate falls back to the run's real noise multiplier. Finite estimates are never capped by theory: an
-empirical epsilon above the accountant's is the symptom of a broken implementation an audit must show.
+rate, sigma_hat and their number of steps, and converted at the run's delta. Point estimates below
+`min_epsilon` (CANIFE: 0.15) are raised to it, since no finite noise reaches epsilon 0; lower ends are
+not (one below `NO_LEAKAGE` = 0.01 contributes nothing, so a composed lower end can be 0). An infinite
+estimate falls back to the run's real noise multiplier. Finite estimates are never capped by theory: a
+lower end above the accountant's epsilon is the symptom of a broken implementation an audit must show.
 Imports no torch.
 """
 
@@ -50,6 +51,8 @@ from scipy import stats
 from tramontane import accounting
 from tramontane.accounting import DpSgdEvent, PrivacyLedger
 from tramontane.errors import PrivacyParameterError
+
+NO_LEAKAGE = 0.01  # per-step lower ends below this are composed as no leakage at all
 
 
 def clopper_pearson(k: np.ndarray | int, n: np.ndarray | int,
@@ -185,7 +188,7 @@ def compose_estimates(segments: Sequence[tuple[EpsilonEstimate, int]], sample_ra
     if not segments:
         raise PrivacyParameterError("need at least one (estimate, steps) segment")
 
-    def compose(pick: str) -> tuple[float, tuple[float, ...], PrivacyLedger]:
+    def compose(pick: str, floor: float) -> tuple[float, tuple[float, ...], PrivacyLedger]:
         ledger, sigmas = PrivacyLedger(), []
         for est, steps in segments:
             eps = getattr(est, pick)
@@ -193,16 +196,20 @@ def compose_estimates(segments: Sequence[tuple[EpsilonEstimate, int]], sample_ra
                 if not noise_multiplier:
                     return math.inf, tuple(sigmas), ledger
                 sigma = noise_multiplier
+            elif max(eps, floor) < NO_LEAKAGE:
+                continue  # the lower end certifies no leakage for these steps
             else:
-                sigma = noise_for_step_epsilon(max(eps, min_epsilon), est.delta)
+                sigma = noise_for_step_epsilon(max(eps, floor), est.delta)
             sigmas.append(sigma)
             ledger.append(DpSgdEvent(sample_rate, sigma, steps, label="empirical"))
+        if not len(ledger):
+            return 0.0, tuple(sigmas), ledger
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return accounting.epsilon(ledger, delta), tuple(sigmas), ledger
 
-    eps, sigmas, ledger = compose("epsilon")
-    low, _, _ = compose("low")
-    high, _, _ = compose("high")
+    eps, sigmas, ledger = compose("epsilon", min_epsilon)
+    low, _, _ = compose("low", 0.0)  # a lower end is never raised: 0 means nothing was shown
+    high, _, _ = compose("high", min_epsilon)
     return ComposedEstimate(epsilon=eps, low=low, high=max(high, eps), delta=delta, noise_multipliers=sigmas,
                             ledger=ledger.to_dict())
