@@ -19,7 +19,6 @@ transcription's `lang:xx[TRANSCRIBE]`) are only ever built by mistral_common.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.chunk import AudioChunk
 from mistral_common.protocol.transcription.request import TranscriptionRequest
 from mistral_common.tokens.tokenizers.audio import Audio
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 
 from tramontane.errors import CheckpointError, ConfigError, DataError, GenerationError, TokenizerError
@@ -47,11 +46,10 @@ from tramontane.generation import Completion, SamplingParams
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
 from tramontane.models.checkpoint import (
+    assign_weights,
     args_from_hf_config,
-    check_tensors,
     detect_format,
     hf_names,
-    permute_from_hf,
     read_json_object,
     resolve_dtype,
     scan_tensors,
@@ -623,30 +621,9 @@ def load_voxtral(
         raise CheckpointError(f"{path} stores {twice} twice, under different names")
     with torch.device("meta"):
         model = Voxtral(args, audio_args, token_id, max_seq_len)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if args.tied_embeddings:
-        del expected["output.weight"]
-    check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
-                   f"{path} does not match its Voxtral config")
-    target = resolve_dtype(dtype)
-    state: dict[str, torch.Tensor] = {}
-    for file in dict.fromkeys(e.file for e in entries.values()):
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as st:
-                for key in (k for k, e in entries.items() if e.file == file and k in names):
-                    name, tensor = names[key], st.get_tensor(key)
-                    heads = _text_rotary_heads(name, args) if fmt == "hf" else None
-                    tensor = permute_from_hf(tensor, heads) if heads else tensor
-                    state[name] = tensor if target is None else tensor.to(target)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {file}: {err}; the file may be truncated or "
-                                  "corrupt") from None
-    if args.tied_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tied_embeddings:  # assign=True wrapped the shared tensor in two Parameters: tie them again
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return assign_weights(model, entries, names,
+                          rotary_heads=(lambda name: _text_rotary_heads(name, args)) if fmt == "hf" else None,
+                          dtype=resolve_dtype(dtype), device=device, what=f"{path} (Voxtral)")
 
 
 def args_from_hf_voxtral_config(config: dict[str, Any]) -> tuple[ModelArgs, AudioEncoderArgs, int]:

@@ -596,6 +596,41 @@ def _write_dir_atomically(path: Path, files: dict[str, Any], overwrite: bool) ->
     return path
 
 
+def assign_weights(model: nn.Module, entries: dict[str, Any], names: dict[str, str], *,
+                   rotary_heads: Callable[[str], int | None] | None = None,
+                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   what: str = "the checkpoint") -> nn.Module:
+    """Load the tensors `entries` (from `scan_tensors`) into a meta-device `model` (with `.args`) in place.
+
+    `names` maps on-disk names to the model's (keys absent from it are not read); `rotary_heads(name)` gives
+    the head count of a tensor whose rows need the HF -> consolidated q/k permutation. Shapes are checked
+    before any data is read; tied embeddings are re-tied after `assign=True` loading.
+    """
+    tied = model.args.tied_embeddings
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        del expected["output.weight"]
+    check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
+                  f"{what} does not match its config")
+    state: dict[str, torch.Tensor] = {}
+    for file in dict.fromkeys(e.file for e in entries.values()):
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as st:
+                for key in (k for k, e in entries.items() if e.file == file and k in names):
+                    name, tensor = names[key], st.get_tensor(key)
+                    heads = rotary_heads(name) if rotary_heads is not None else None
+                    tensor = permute_from_hf(tensor, heads) if heads else tensor
+                    state[name] = tensor if dtype is None else tensor.to(dtype)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {file}: {err}; the file may be truncated or corrupt") from None
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:  # assign=True wrapped the shared tensor in two Parameters: tie them again
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object (params.json, config.json), or a ConfigError saying what is wrong."""
     try:

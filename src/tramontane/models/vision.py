@@ -16,7 +16,6 @@ Checkpoints: consolidated (`params.json` with a `vision_encoder` section) and Hu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tramontane.errors import CheckpointError, ConfigError, DataError, GenerationError, TokenizerError
@@ -35,8 +33,8 @@ from tramontane.generation import Completion, SamplingParams
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
 from tramontane.models.checkpoint import (
+    assign_weights,
     args_from_hf_config,
-    check_tensors,
     hf_names,
     permute_from_hf,
     permute_to_hf,
@@ -663,28 +661,11 @@ def load_vision_language_model(
         names = {k: k for k in entries}
     with torch.device("meta"):
         model = VisionLanguageModel(args, vision_args, max_seq_len)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if args.tied_embeddings:
-        del expected["output.weight"]
-    check_tensors({names[k]: e.shape for k, e in entries.items() if k in names}, expected,
-                   f"{path} does not match its config")
-    state: dict[str, torch.Tensor] = {}
-    for file in dict.fromkeys(e.file for e in entries.values()):
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as st:
-                for key in (k for k, e in entries.items() if e.file == file):
-                    name, tensor = names[key], st.get_tensor(key)
-                    heads = _rotary_heads(name, args, vision_args) if fmt == "hf" else None
-                    tensor = permute_from_hf(tensor, heads) if heads else tensor
-                    state[name] = tensor if target_dtype is None else tensor.to(target_dtype)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {file}: {err}; the file may be truncated or corrupt") from None
-    if args.tied_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if args.tied_embeddings:  # assign=True wrapped the shared tensor in two Parameters: tie them again
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    def rotary_heads(name: str) -> int | None:
+        return _rotary_heads(name, args, vision_args)
+
+    return assign_weights(model, entries, names, rotary_heads=rotary_heads if fmt == "hf" else None,
+                          dtype=target_dtype, device=device, what=str(path))
 
 
 __all__ = [
