@@ -98,7 +98,8 @@ class ModelArgs:
     def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
         """Build from a parsed `params.json`; missing required keys raise `ConfigError` naming them."""
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - {"extra"}
+        required = {f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING} - {"extra"}
         params = dict(params)
         if "head_dim" not in params and "dim" in params and "n_heads" in params:
             params["head_dim"] = params["dim"] // params["n_heads"]

@@ -622,7 +622,8 @@ def assign_weights(model: nn.Module, entries: dict[str, Any], names: dict[str, s
                     tensor = permute_from_hf(tensor, heads) if heads else tensor
                     state[name] = tensor if dtype is None else tensor.to(dtype)
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {file}: {err}; the file may be truncated or corrupt") from None
+            raise CheckpointError(f"cannot read {file}: {err}; the file may be truncated or "
+                                  "corrupt") from None
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -21,7 +21,8 @@ class MoeLayer(nn.Module):
         assert args.moe is not None
         self.num_experts_per_tok = args.moe.num_experts_per_tok
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
+        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim)
+                                     for _ in range(args.moe.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

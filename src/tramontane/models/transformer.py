@@ -20,7 +20,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward: nn.Module = MoeLayer(args) if args.moe is not None else FeedForward(args.dim, args.hidden_dim)
+        self.feed_forward: nn.Module = (MoeLayer(args) if args.moe is not None
+                                        else FeedForward(args.dim, args.hidden_dim))
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
