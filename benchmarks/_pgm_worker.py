@@ -43,8 +43,29 @@ def public_transformer(n_values: list[int]):
     return transformer, columns
 
 
+class TimestampedLines:
+    """A stdout wrapper that prefixes every line with the seconds since start, so a log shows AIM's pace."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.start, self.at_line_start = stream, time.perf_counter(), True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(f"[{time.perf_counter() - self.start:8.1f} s] ")
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def main(job_dir: str) -> None:
     from snsynth import Synthesizer
+
+    sys.stdout = TimestampedLines(sys.stdout)
 
     job_dir = Path(job_dir)
     job = json.loads((job_dir / "job.json").read_text())
@@ -55,8 +76,11 @@ def main(job_dir: str) -> None:
     df = pd.DataFrame(ids, columns=columns)
 
     start = time.perf_counter()
+    options = dict(job.get("options", {}))
+    if job["method"] == "aim":
+        options.setdefault("verbose", True)  # one line per round: the selected marginal and budget used
     synth = Synthesizer.create(job["method"], epsilon=float(job["epsilon"]), delta=float(job["delta"]),
-                               **job.get("options", {}))
+                               **options)
     synth.fit(df, transformer=transformer, categorical_columns=columns, preprocessor_eps=0.0)
     fit_s = time.perf_counter() - start
     out = synth.sample(len(df))
