@@ -19,14 +19,23 @@ from tramontane.tokenizer import Tokenizer
 
 from tests.equivalence.test_vision_hf import hf_model
 
+TOKENIZER = "v7-mm"
 
-def test_chat_with_an_image_replies_what_the_library_generates(tmp_path: Path, monkeypatch,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = Tokenizer.builtin("v7-mm")
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA/Pixtral checkpoint saved by transformers, with the multimodal tokenizer beside it."""
+    tokenizer = Tokenizer.builtin(TOKENIZER)
     hf = hf_model("llava", seed=4, patch_size=16, vocab_size=tokenizer.vocab_size, image_size=128)
-    checkpoint = tmp_path / "pixtral"
-    hf.save_pretrained(checkpoint)
-    shutil.copy(tokenizer.path, checkpoint / tokenizer.path.name)
+    directory = tmp_path_factory.mktemp("pixtral")
+    hf.save_pretrained(directory)
+    shutil.copy(tokenizer.path, directory / tokenizer.path.name)
+    return directory
+
+
+def test_chat_with_an_image_replies_what_the_library_generates(checkpoint: Path, tmp_path: Path, monkeypatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = Tokenizer.builtin(TOKENIZER)
     picture = tmp_path / "picture.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(picture)
 
@@ -43,12 +52,8 @@ def test_chat_with_an_image_replies_what_the_library_generates(tmp_path: Path, m
     assert tokens.count(10) > 0  # the prompt really carries [IMG] tokens
 
 
-def test_chat_with_an_unreadable_image_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = Tokenizer.builtin("v7-mm")
-    hf = hf_model("llava", seed=4, patch_size=16, vocab_size=tokenizer.vocab_size, image_size=128)
-    checkpoint = tmp_path / "pixtral"
-    hf.save_pretrained(checkpoint)
-    shutil.copy(tokenizer.path, checkpoint / tokenizer.path.name)
+def test_chat_with_an_unreadable_image_is_a_clear_error(checkpoint: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     assert main(["chat", "--model", str(checkpoint), "--image", str(bad)]) == 2
