@@ -6,6 +6,7 @@ Results go to stdout; progress and timing go to stderr, so `--json` output can b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +23,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _stderr():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
 
 
 # -- model commands ----------------------------------------------------------------------------------------
@@ -374,23 +375,29 @@ class _Progress:
 def _fit_synthesizer(args: argparse.Namespace):
     from tramontane.synth.synthesizer import Synthesizer, SynthConfig
 
-    schema = _load_schema(args.schema, args.data)
-    train = _read_table(args.data, schema)
-    test = _read_table(args.test, schema) if args.test else None
+    # Arguments first: nothing private is read before every option has been checked.
+    if getattr(args, "rows", None) is not None and args.rows < 0:
+        raise TramontaneError(f"--rows must be >= 0, got {args.rows}")
     config = SynthConfig.fast() if args.fast else SynthConfig()
     if args.steps is not None:
-        config.steps = args.steps
+        config = dataclasses.replace(config, steps=args.steps)
+    schema = _load_schema(args.schema, args.data)
     synth = Synthesizer(schema, epsilon=args.epsilon, delta=args.delta, config=config, seed=args.seed,
                         allow_non_private_schema=args.allow_non_private_schema)
+    train = _read_table(args.data, schema)
+    test = _read_table(args.test, schema) if args.test else None
     err = _stderr()
-    err.print(f"training a DP synthesizer on {len(train)} rows at epsilon={args.epsilon}, delta={args.delta}"
+    # Lines on stderr are listed in tramontane.synth.release: none quotes the exact number of rows.
+    err.print(f"training a DP synthesizer at epsilon={args.epsilon}, delta={args.delta}"
               + (" (fast configuration)" if args.fast else ""))
     with _Progress("DP-SGD") as progress:
         synth.fit(train, test=test, on_step=progress)
-    p = synth.privacy()
-    err.print(f"spent epsilon {p['epsilon_rdp']:.3f} (RDP) / {p['epsilon_pld']:.3f} (PLD) at delta {args.delta} "
-              f"in {synth.summary.steps} steps (batch ~{synth.summary.batch_size}, "
-              f"sigma {synth.summary.noise_multiplier:.3f}), {synth.summary.seconds:.0f} s")
+    s = synth.summary
+    err.print(f"trained on about {s.rows_dp} rows (a DP count, noise std {s.row_count_noise:g}): "
+              f"{s.steps} steps at sample rate {s.sample_rate:.4g} (expected batch {s.batch_size}), "
+              f"sigma {s.noise_multiplier:.3f}")
+    err.print(f"spent epsilon {s.epsilon_rdp:.3f} (RDP) / {s.epsilon_pld:.3f} (PLD) at delta {s.delta:g} "
+              f"of the target {synth.epsilon:g}")
     return synth, train, test
 
 
@@ -417,7 +424,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.out is None:
         raise TramontaneError("tramontane synth needs --out synthetic.csv")
     synth, train, test = _fit_synthesizer(args)
-    rows = args.rows if args.rows is not None else len(train)
+    rows = args.rows if args.rows is not None else synth.summary.rows_dp  # N itself is not public
     synthetic = synth.sample(rows, seed=args.seed)
     _write_csv_atomic(synthetic, args.out)
     _stderr().print(f"wrote {rows} synthetic rows to {args.out}")

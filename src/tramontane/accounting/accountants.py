@@ -271,8 +271,13 @@ def calibrate_noise_multiplier(
     sigma_max: float = 1000.0,
     epsilon_rtol: float = 1e-4,
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+    prior: LedgerLike = (),
 ) -> NoiseCalibration:
     """The smallest noise multiplier (up to `epsilon_rtol`) whose DP-SGD epsilon is <= `target_epsilon`.
+
+    `prior`: events already spent on the same data (a ledger or events); the DP-SGD run is calibrated so that
+    `prior` followed by it meets the target, composed by the same accountant (so a DP count released before
+    training costs what the accountant says, not its basic-composition bound).
 
     Bisection on a geometric grid, relying on epsilon decreasing in the noise multiplier. The result is
     always a point where epsilon was evaluated and found <= target, and epsilon there is within a
@@ -296,8 +301,10 @@ def calibrate_noise_multiplier(
             f"sample_rate={sample_rate}, steps={steps} spends no privacy: there is no noise to calibrate"
         )
 
+    before = ledger_events(prior)
+
     def eps_at(sigma: float) -> float:
-        return epsilon(DpSgdEvent(sample_rate, sigma, steps), delta, accountant,
+        return epsilon([*before, DpSgdEvent(sample_rate, sigma, steps)], delta, accountant,
                        pld_discretization=pld_discretization)
 
     eps_cap = eps_at(sigma_max)
@@ -309,14 +316,15 @@ def calibrate_noise_multiplier(
                     "accountant='pld' can go lower.")
         raise PrivacyParameterError(
             f"target_epsilon={target_epsilon} cannot be reached with noise_multiplier <= {sigma_max} at "
-            f"sample_rate={sample_rate}, steps={steps}, delta={delta} (epsilon there is {eps_cap:.4g} with "
-            f"the {accountant} accountant). Increase target_epsilon or delta, lower sample_rate (smaller "
-            f"batches) or steps, or raise sigma_max.{hint}"
+            f"sample_rate={sample_rate}, steps={steps}, delta={delta}"
+            + (f" after the {len(before)} event(s) already spent" if before else "")
+            + f" (epsilon there is {eps_cap:.4g} with the {accountant} accountant). Increase target_epsilon "
+            f"or delta, lower sample_rate (smaller batches) or steps, or raise sigma_max.{hint}"
         )
     start, shrink = 1.0, 0.5
     if accountant == "pld":  # RDP is looser, so its (cheap) sigma is a close upper guess for PLD's
         rdp_calibration = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, "rdp",
-                                                     sigma_min=sigma_min, sigma_max=sigma_max)
+                                                     sigma_min=sigma_min, sigma_max=sigma_max, prior=before)
         start, shrink = rdp_calibration.noise_multiplier, 0.85
     sigma, eps = _search(eps_at, target_epsilon, start, sigma_min, sigma_max, eps_cap, epsilon_rtol, shrink)
     logger.debug("calibrated noise_multiplier=%.6g (epsilon %.6g <= %.6g, %s)", sigma, eps, target_epsilon,

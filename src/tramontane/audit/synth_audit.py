@@ -252,9 +252,9 @@ def audit_synthesizer(synth: Synthesizer, data: pd.DataFrame, holdout: pd.DataFr
     rows = synth.schema.conform(_schema_columns(data, synth.schema))
     if len(rows) < 2:
         raise DataError("the audit needs the training table (at least 2 rows that fit the schema)")
-    if synth.summary is not None and synth.summary.rows != len(rows):
-        logger.warning("the synthesizer was trained on %d rows but the audit data has %d: replayed batches "
-                       "use q N with this table's N", synth.summary.rows, len(rows))
+    if synth.summary is not None and abs(synth.summary.rows_dp - len(rows)) > 6 * synth.summary.row_count_noise:
+        logger.warning("the synthesizer was trained on about %d rows (a DP count) but the audit data has a "
+                       "different size: replayed batches use q N with this table's N", synth.summary.rows_dp)
     vids = synth.schema.value_ids(rows)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))

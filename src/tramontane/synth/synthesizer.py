@@ -5,14 +5,19 @@ rows become token sequences (`codec.py`), a small causal LM (here our Mistral de
 SwiGLU, RoPE) is trained from scratch with DP-SGD (`tramontane.dp`, `tramontane.training`), and synthetic
 rows are sampled column by column under the schema's constraints, so every sampled row is valid.
 
-Privacy (unit: one row; add/remove-one neighbours):
-- the schema is public when given; inferred from the data it spends `schema_budget_share` of epsilon and
-  delta through `dp_schema.infer_schema` (declared (epsilon, delta) events on the ledger);
-- DP-SGD spends the rest: Poisson sampling at q = batch_size / N, clipping to `max_grad_norm`, Gaussian noise
-  calibrated *exactly* with the accountant so that the whole ledger is (epsilon, delta)-DP; the batch size
-  follows the TAN rule (Sander et al., arXiv 2210.03403): large batches with sigma in the 2..4 sweet spot;
-- sampling and saving are post-processing. Rows are never logged.
-The ledger travels with the saved synthesizer, and fitting refuses (nothing spent) a budget it cannot meet.
+Privacy unit: one row of the table. Neighbouring tables differ by adding or removing one row, so the number
+of rows N is private too. What `fit` reads from the rows, in order, each on the ledger:
+- the schema, only when none is given: `dp_schema.infer_schema` spends `schema_budget_share` of epsilon and
+  delta ((epsilon, delta) events, one per column); a given schema is a public input;
+- the row count: N + N(0, row_count_noise^2) (a Gaussian event). This DP count, never N, sets the sampling
+  rate q = batch / count, the expected batch and the default number of synthetic rows;
+- DP-SGD: Poisson sampling at q, clipping to `max_grad_norm`, Gaussian noise calibrated *exactly* with the
+  accountant so that the whole ledger (schema, count, steps) is (epsilon, delta)-DP; the batch size follows
+  the TAN rule (Sander et al., arXiv 2210.03403): large batches with sigma in the 2..4 sweet spot.
+Sampling and saving are post-processing. Rows are never logged. What each written field is (DP, public, or
+for the data holder only) is listed in `tramontane.synth.release`.
+The ledger travels with the saved synthesizer. A budget that cannot be met is refused before any private
+read when it can be known then; a refusal after a spend keeps that spend on `Synthesizer.ledger`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +40,9 @@ import torch
 from torch import nn
 
 from tramontane import accounting
-from tramontane.accounting import PrivacyLedger
-from tramontane.errors import ConfigError, DataError, PrivacyParameterError
+from tramontane.accounting import EpsilonDeltaEvent, GaussianEvent, PrivacyLedger
+from tramontane.dp.noise import SecureRandom
+from tramontane.errors import ConfigError, DataError, PrivacyError, PrivacyParameterError, SchemaError
 from tramontane.models import ModelArgs, Transformer
 from tramontane.models.checkpoint import load_model, save_model
 from tramontane.synth.codec import EncodedRows, TabularCodec
@@ -48,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "synthesizer.json"
 STATE_FORMAT = "tramontane.synthesizer"
+STATE_VERSION = 2  # 2: DP row count, no exact row counts
 MIN_BATCH = 8  # expected rows per DP-SGD step below which a run cannot learn: refused rather than wasted
 
 
@@ -72,15 +80,29 @@ class SynthConfig:
     permute_columns: bool = True
     accountant: str = "rdp"
     schema_budget_share: float = 0.1  # of epsilon and delta, when the schema is inferred with DP
+    row_count_noise: float = 20.0  # std of the Gaussian noise on the released row count (sensitivity 1)
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps", "micro_batch_size",
+                     "augmentations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ConfigError("dim must be a multiple of n_heads, and n_heads a multiple of n_kv_heads")
+        for name in ("lr", "max_grad_norm", "noise_multiplier_target", "row_count_noise", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if not 0 < self.schema_budget_share < 1:
             raise ConfigError(f"schema_budget_share must be in (0, 1), got {self.schema_budget_share}")
-        if self.noise_multiplier_target <= 0:
-            raise ConfigError("noise_multiplier_target must be > 0")
         if not 0 < self.max_batch_fraction <= 1:
             raise ConfigError("max_batch_fraction must be in (0, 1]")
+        if self.accountant not in accounting.ACCOUNTANTS:
+            raise ConfigError(f"accountant must be one of {list(accounting.ACCOUNTANTS)}, got {self.accountant!r}")
 
     @classmethod
     def fast(cls) -> "SynthConfig":
@@ -88,24 +110,40 @@ class SynthConfig:
         return cls(steps=40, noise_multiplier_target=2.0, warmup_steps=3)
 
 
+SCHEMA_SOURCES = ("public", "dp", "non-private")
+
+
 @dataclass
 class FitSummary:
-    """What fitting did, for the report (no row-level information)."""
+    """What fitting released about the run. Every field is DP or public (`tramontane.synth.release`):
+    `rows_dp` is the DP row count; batch size and sample rate are computed from it."""
 
-    rows: int
-    rows_dropped_by_schema: int
+    rows_dp: int  # the DP count of the training rows (ledger event "row count"), at least 1
+    row_count_noise: float
     steps: int
-    batch_size: int
+    batch_size: int  # expected rows per step, q * rows_dp
     sample_rate: float
     noise_multiplier: float
-    epsilon_rdp: float
-    epsilon_pld: float
+    max_grad_norm: float
+    accountant: str
+    epsilon_rdp: float  # the whole ledger under the RDP accountant
+    epsilon_pld: float  # the whole ledger under the PLD accountant
     delta: float
-    schema_private: bool
+    schema_source: str  # "public" (given), "dp" (inferred with DP) or "non-private" (read off the rows)
     schema_epsilon: float
     schema_delta: float
-    eval_curve: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    schema_notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FitDiagnostics:
+    """What fitting measured on real rows, for the data holder only (never saved with the model, never in
+    the shareable release): not covered by the DP guarantee."""
+
+    rows_given: int  # rows of the input table
+    rows_used: int  # rows that fit the schema and were trained on
+    heldout_curve: list[dict[str, float]] = field(default_factory=list)  # NLL of held-out real rows
+    seconds: float = 0.0  # wall time grows with the number of rows
 
 
 def value_log_likelihood(model: Transformer, codec: TabularCodec, batch: EncodedRows) -> torch.Tensor:
@@ -127,7 +165,7 @@ def value_log_likelihood(model: Transformer, codec: TabularCodec, batch: Encoded
     return logp.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
 
 
-class _RowObjective:
+class RowObjective:
     """Constrained next-token loss of encoded rows (fresh column permutations drawn at every step)."""
 
     def __init__(self, codec: TabularCodec, vids: np.ndarray, config: SynthConfig, rng: np.random.Generator):
@@ -152,20 +190,27 @@ class Synthesizer:
     Args:
         schema: the public schema (a `Schema`, or a JSON/YAML path). None: inferred from the data with DP,
             spending `config.schema_budget_share` of the budget.
-        epsilon, delta: the total privacy budget of `fit` (schema inference included).
+        epsilon, delta: the total privacy budget of `fit` (schema inference and row count included).
         config: model and training hyper-parameters (`SynthConfig`).
         allow_non_private_schema: infer a missing schema WITHOUT DP (warns; the report says so).
         seed: makes model initialisation, column permutations and default sampling reproducible. The DP noise
             and Poisson sampling stay cryptographically seeded unless `noise_seed` is given (warns).
+
+    `ledger` holds every spend on the data, including those of a `fit` that failed after spending: a retry
+    on the same object is charged against what is left of the budget.
     """
 
     def __init__(self, schema: Schema | str | Path | None = None, epsilon: float = 3.0, delta: float = 1e-5,
                  config: SynthConfig | None = None, *, allow_non_private_schema: bool = False,
                  seed: int | None = None, noise_seed: int | None = None) -> None:
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-            raise PrivacyParameterError(f"epsilon must be a positive number, got {epsilon!r}")
-        if not 0 < delta < 1:
+        if isinstance(epsilon, bool) or not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon)
+                                             and epsilon > 0):
+            raise PrivacyParameterError(f"epsilon must be a positive finite number, got {epsilon!r}")
+        if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise PrivacyParameterError(f"delta must be in (0, 1), got {delta!r}")
+        for name, value in (("seed", seed), ("noise_seed", noise_seed)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         self.schema = Schema.load(schema) if isinstance(schema, (str, Path)) else schema
         self.epsilon, self.delta = float(epsilon), float(delta)
         self.config = config or SynthConfig()
@@ -176,6 +221,7 @@ class Synthesizer:
         self.codec: TabularCodec | None = None
         self.schema_inference: SchemaInference | None = None
         self.summary: FitSummary | None = None
+        self.diagnostics: FitDiagnostics | None = None
 
     # -- fitting --------------------------------------------------------------------------------------
     def _model_args(self, codec: TabularCodec) -> ModelArgs:
@@ -184,58 +230,92 @@ class Synthesizer:
                          n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, norm_eps=1e-5, vocab_size=codec.vocab_size,
                          rope_theta=10_000.0)
 
-    def _plan_batch(self, n: int, epsilon: float, delta: float) -> tuple[int, float]:
-        """TAN rule: the batch size whose calibrated sigma is near the target, then sigma exactly."""
+    def _spent_note(self) -> str:
+        spent = accounting.epsilon(self.ledger, self.delta, "rdp") if len(self.ledger) else 0.0
+        return (f"This attempt spent epsilon {spent:.4g} at delta {self.delta:g} on the data; it counts, and it "
+                "stays on this synthesizer's ledger." if len(self.ledger) else "Nothing was spent.")
+
+    def _plan_batch(self, rows_dp: int, epsilon: float, delta: float) -> tuple[int, float, float]:
+        """TAN rule on the DP row count: the expected batch whose calibrated sigma is near the target, then
+        sigma exactly, for the whole ledger (what is already on it plus this run). (batch, q, sigma)."""
         c = self.config
         eta = accounting.eta_for_eps_tan(epsilon, delta)
-        batch = eta * c.noise_multiplier_target * math.sqrt(2.0 / c.steps) * n
+        batch = eta * c.noise_multiplier_target * math.sqrt(2.0 / c.steps) * rows_dp
         if batch < MIN_BATCH:
             raise PrivacyParameterError(
-                f"epsilon={epsilon:.3g} cannot be met usefully with {n} rows in {c.steps} DP-SGD steps: the noise "
-                f"it needs allows batches of only {batch:.2g} rows (at least {MIN_BATCH} are needed to learn "
-                "anything). Raise epsilon, give more rows, or lower config.steps.")
-        batch = int(min(batch, c.max_batch_fraction * n))
-        cal = accounting.calibrate_noise_multiplier(epsilon, delta, batch / n, c.steps, accountant=c.accountant)
-        return batch, cal.noise_multiplier
+                f"epsilon={self.epsilon:.3g} cannot be met usefully with about {rows_dp} rows (a DP count) in "
+                f"{c.steps} DP-SGD steps: the noise it needs allows batches of only {batch:.2g} rows (at least "
+                f"{MIN_BATCH} are needed to learn anything). Raise --epsilon, give more rows, or lower --steps. "
+                + self._spent_note())
+        batch = max(1, int(min(batch, c.max_batch_fraction * rows_dp)))
+        q = min(1.0, batch / rows_dp)
+        try:
+            cal = accounting.calibrate_noise_multiplier(self.epsilon, self.delta, q, c.steps,
+                                                        accountant=c.accountant, prior=self.ledger)
+        except PrivacyParameterError as err:
+            raise PrivacyParameterError(f"{err} {self._spent_note()}") from None
+        return batch, q, cal.noise_multiplier
+
+    def _infer_schema(self, df: pd.DataFrame) -> Schema:
+        share = self.config.schema_budget_share
+        private = not self.allow_non_private_schema
+        try:
+            inference = infer_schema(df, epsilon=self.epsilon * share if private else None,
+                                     delta=self.delta * share if private else None,
+                                     allow_non_private=self.allow_non_private_schema)
+        except SchemaError as err:
+            spend = getattr(err, "spend", ())
+            for s in spend:  # what the failed inference spent stays on the ledger the caller holds
+                if s.epsilon > 0 or s.delta > 0:
+                    self.ledger.append(EpsilonDeltaEvent(s.epsilon, s.delta, label=s.label))
+            if spend:
+                raise SchemaError(f"{err}\n{self._spent_note()}") from None
+            raise
+        self.schema_inference = inference
+        for event in inference.ledger_events():
+            self.ledger.append(event)
+        return inference.schema
+
+    def _count_rows(self, n: int) -> int:
+        sigma = self.config.row_count_noise
+        seed = None if self.noise_seed is None else _derived_seed(self.noise_seed, "row count")
+        self.ledger.append(GaussianEvent(sigma, 1, label="row count"))
+        return dp_row_count(n, sigma, seed)
 
     def fit(self, df: pd.DataFrame, *, test: pd.DataFrame | None = None,
             on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> "Synthesizer":
         """Train on `df` (the private table). `test`, if given, is held-out data (never trained on) whose
-        per-row NLL is tracked during training for the report's learning curve."""
+        per-row NLL is tracked for the data holder's learning curve (`diagnostics`, not DP)."""
         import time
 
         start = time.perf_counter()
         if not isinstance(df, pd.DataFrame):
             raise DataError(f"fit() takes a pandas DataFrame, got {type(df).__name__}")
+        if self.model is not None:
+            raise ConfigError("this synthesizer was already fitted; create a new one (its budget is spent)")
         if len(df) == 0:
             raise DataError("the table is empty: nothing to fit")
-        if len(self.ledger):
-            raise ConfigError("this synthesizer was already fitted; create a new one (its budget is spent)")
+        if self.schema is not None:
+            self.schema.check_columns(df)  # the column set is public: checked before any value is read
+        if test is not None and self.schema is not None:
+            self.schema.check_columns(test)
         c = self.config
-        ledger = PrivacyLedger()
-        eps_train, delta_train = self.epsilon, self.delta
-        if self.schema is None:
-            share = c.schema_budget_share
-            inference = infer_schema(df, epsilon=None if self.allow_non_private_schema else self.epsilon * share,
-                                     delta=None if self.allow_non_private_schema else self.delta * share,
-                                     allow_non_private=self.allow_non_private_schema)
-            self.schema_inference = inference
-            for event in inference.ledger_events():
-                ledger.append(event)
-            eps_train -= inference.epsilon
-            delta_train -= inference.delta
-            schema = inference.schema
-            rows = schema.conform(df)  # row by row: rare values DP inference dropped take their rows along
-        else:
+        given_schema = self.schema is not None
+        if given_schema:
             schema = self.schema
             schema.validate(df)
-            rows = schema.conform(df)
+            source = "public" if schema.private else "non-private"
+        else:
+            schema = self._infer_schema(df)
+            source = "dp" if self.schema_inference.private else "non-private"
+        rows = schema.conform(df)  # row by row: rare values DP inference dropped take their rows along
         if len(rows) == 0:
-            raise DataError("no row fits the schema")
+            raise DataError("no row fits the schema. " + self._spent_note())
         codec = TabularCodec(schema)
         vids = schema.value_ids(rows)
-        n = len(rows)
-        batch, sigma = self._plan_batch(n, eps_train, delta_train)
+        rows_dp = self._count_rows(len(rows))
+        eps_train = self.epsilon - (self.schema_inference.epsilon if self.schema_inference else 0.0)
+        batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta)
 
         if self.seed is not None:
             torch.manual_seed(self.seed)
@@ -243,7 +323,7 @@ class Synthesizer:
         model = Transformer(args)
         _init_weights(model)
         rng = np.random.default_rng(self.seed)
-        objective = _RowObjective(codec, vids, c, rng)
+        objective = RowObjective(codec, vids, c, rng)
 
         evaluate = None
         if test is not None:
@@ -253,24 +333,32 @@ class Synthesizer:
             def evaluate(m: nn.Module) -> float:
                 return -float(value_log_likelihood(m, codec, test_enc).mean())
 
-        train_config = TrainConfig(steps=c.steps, batch_size=batch, lr=c.lr, warmup_steps=c.warmup_steps,
-                                   micro_batch_size=c.micro_batch_size, max_grad_norm=c.max_grad_norm,
-                                   noise_multiplier=sigma, target_epsilon=self.epsilon, delta=self.delta,
-                                   accountant=c.accountant, noise_seed=self.noise_seed,
+        train_config = TrainConfig(steps=c.steps, batch_size=batch, sample_rate=q, lr=c.lr,
+                                   warmup_steps=c.warmup_steps, micro_batch_size=c.micro_batch_size,
+                                   max_grad_norm=c.max_grad_norm, noise_multiplier=sigma,
+                                   target_epsilon=self.epsilon, delta=self.delta, accountant=c.accountant,
+                                   noise_seed=self.noise_seed,
                                    eval_every=max(1, c.steps // 10) if evaluate else 0, label="synth dp-sgd")
-        trainer = Trainer(model, objective, n, train_config, ledger=ledger, evaluate=evaluate, on_step=on_step)
+        try:
+            trainer = Trainer(model, objective, len(rows), train_config, ledger=self.ledger, evaluate=evaluate,
+                              on_step=on_step)
+        except PrivacyError as err:
+            raise type(err)(f"{err} {self._spent_note()}") from None
         result = trainer.fit()
-        self.model, self.codec, self.schema, self.ledger = model, codec, schema, result.ledger
-        eps_pld = accounting.epsilon(self.ledger, self.delta, "pld")
+        if result.ledger is not self.ledger:
+            raise AssertionError("the trainer must spend on the synthesizer's ledger")
+        self.model, self.codec, self.schema = model, codec, schema
+        spent = {acc: accounting.epsilon(self.ledger, self.delta, acc) for acc in ("rdp", "pld")}
         self.summary = FitSummary(
-            rows=n, rows_dropped_by_schema=len(df) - n, steps=result.steps, batch_size=batch,
-            sample_rate=result.sample_rate, noise_multiplier=sigma, epsilon_rdp=result.epsilon,
-            epsilon_pld=eps_pld, delta=self.delta,
-            schema_private=self.schema_inference.private if self.schema_inference else True,
+            rows_dp=rows_dp, row_count_noise=c.row_count_noise, steps=result.steps, batch_size=batch,
+            sample_rate=q, noise_multiplier=sigma, max_grad_norm=c.max_grad_norm, accountant=c.accountant,
+            epsilon_rdp=spent["rdp"], epsilon_pld=spent["pld"], delta=self.delta, schema_source=source,
             schema_epsilon=self.schema_inference.epsilon if self.schema_inference else 0.0,
             schema_delta=self.schema_inference.delta if self.schema_inference else 0.0,
-            eval_curve=result.history, seconds=time.perf_counter() - start)
-        if result.epsilon > self.epsilon * (1 + 1e-9):
+            schema_notes=list(self.schema_inference.notes) if self.schema_inference else [])
+        self.diagnostics = FitDiagnostics(rows_given=len(df), rows_used=len(rows), heldout_curve=result.history,
+                                          seconds=time.perf_counter() - start)
+        if spent[c.accountant] > self.epsilon * (1 + 1e-9):
             raise AssertionError("spent more than the budget")  # guarded by the trainer; never expected
         return self
 
@@ -318,10 +406,10 @@ class Synthesizer:
         try:
             save_model(model, tmp / "model", format="consolidated")
             self.schema.save(tmp / "schema.json")
-            state = {"format": STATE_FORMAT, "version": 1, "epsilon": self.epsilon, "delta": self.delta,
-                     "config": asdict(self.config), "seed": self.seed, "ledger": self.ledger.to_dict(),
-                     "summary": asdict(self.summary) if self.summary else None,
-                     "schema_inference": self.schema_inference.to_dict() if self.schema_inference else None}
+            # Only DP and public fields (tramontane.synth.release); the data holder's diagnostics stay out.
+            state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epsilon": self.epsilon,
+                     "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
+                     "ledger": self.ledger.to_dict(), "summary": asdict(self.summary) if self.summary else None}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old")
@@ -338,22 +426,54 @@ class Synthesizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> "Synthesizer":
+        """A synthesizer saved by `save`; `ConfigError` naming the problem for anything else."""
         directory = Path(directory)
+        if not directory.exists():
+            raise ConfigError(f"{directory} does not exist")
+        if not directory.is_dir():
+            raise ConfigError(f"{directory} is a file, not a saved synthesizer directory")
+        path = directory / STATE_FILE
         try:
-            state = json.loads((directory / STATE_FILE).read_text())
+            state = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{directory} is not a saved synthesizer (no {STATE_FILE})") from None
-        if state.get("format") != STATE_FORMAT:
-            raise ConfigError(f"{directory / STATE_FILE} is not a tramontane synthesizer")
-        synth = cls(Schema.load(directory / "schema.json"), state["epsilon"], state["delta"],
-                    SynthConfig(**state["config"]), seed=state.get("seed"))
-        synth.ledger = PrivacyLedger.from_dict(state["ledger"])
-        synth.summary = FitSummary(**state["summary"]) if state.get("summary") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is damaged (not valid JSON): save the synthesizer again") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"{path} is not a tramontane synthesizer")
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"{path} has version {state.get('version')!r}; this tramontane reads version "
+                              f"{STATE_VERSION}: fit the synthesizer again with this version")
+        try:
+            synth = cls(Schema.load(directory / "schema.json"), state["epsilon"], state["delta"],
+                        SynthConfig(**state["config"]), seed=state.get("seed"))
+            synth.ledger = PrivacyLedger.from_dict(state["ledger"])
+            synth.summary = FitSummary(**state["summary"]) if state.get("summary") else None
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is damaged ({type(err).__name__}: {err}): save the synthesizer "
+                              "again") from None
         synth.model, _ = load_model(directory / "model")
         synth.model.eval()
         synth.codec = TabularCodec(synth.schema)
-        synth._saved_schema_inference = state.get("schema_inference")
         return synth
+
+
+def dp_row_count(n: int, noise_std: float, seed: int | None = None) -> int:
+    """The Gaussian mechanism on a row count: round(n + N(0, noise_std^2)), at least 1.
+
+    Sensitivity 1 under add/remove-one neighbours, so this is the release of a `GaussianEvent` with noise
+    multiplier `noise_std`; rounding and the floor are post-processing. The noise is drawn from a generator
+    seeded by the OS CSPRNG unless `seed` is given (tests only: warns).
+    """
+    noise = SecureRandom(seed, "the row count's noise").normal(torch.Size([1]), noise_std, torch.device("cpu"),
+                                                               torch.float64)
+    return max(1, int(round(n + float(noise[0]))))
+
+
+def _derived_seed(seed: int, purpose: str) -> int:
+    """A reproducible seed for one purpose, independent of the seeds derived for others."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(1, np.uint64)[0]
+               % 2**63)
 
 
 def _init_weights(model: Transformer) -> None:
