@@ -23,7 +23,7 @@ test: $(STAMP)
 # utility against the held-out split, and an HTML + JSON report, all under out/.
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m tramontane.cli synth --data adult --test adult-test --target income \
-		--epsilon 3 --delta 1e-5 --fast --seed 0 --out out/synthetic.csv --report out/report
+		--epsilon 3 --delta 1e-5 --fast --seed 0 --out out/synthetic.csv --report out/report --overwrite
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/generate.py

@@ -331,6 +331,45 @@ def _load_schema(path: str | None, data: str):
     return None
 
 
+def _probe_writable(directory: Path, option: str) -> None:
+    """Create and remove a file in the nearest existing ancestor of `directory`: the real permission test
+    (access() misses immutable folders and read-only mounts), done before anything private is read."""
+    import tempfile
+
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TramontaneError(f"{option} {directory}: {probe} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".tramontane-probe-"):
+            pass
+    except OSError as err:
+        raise TramontaneError(f"{option} {directory}: cannot write in {probe} ({err.strerror}); choose "
+                              "another location") from None
+
+
+def _check_output(path: str | None, option: str, kind: str, overwrite: bool) -> None:
+    """Refuse an output that would destroy something (unless --overwrite) or cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    if kind == "file":
+        if target.is_dir():
+            raise TramontaneError(f"{option} {path} is a folder: give a file name, e.g. {target / 'out.csv'}")
+        if target.exists() and not overwrite:
+            raise TramontaneError(f"{option} {path} already exists: choose a new name, or pass --overwrite to "
+                                  "replace it")
+        _probe_writable(target.parent, option)
+        return
+    if target.exists() and not target.is_dir():
+        raise TramontaneError(f"{option} {path} is a file, not a folder: give a folder name")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise TramontaneError(f"{option} {path} already exists and is not empty: choose a new folder, or pass "
+                              "--overwrite to replace it")
+    _probe_writable(target if target.is_dir() else target.parent, option)
+
+
 def _write_csv_atomic(frame, path: str) -> None:
     import os
     import tempfile
@@ -390,8 +429,17 @@ def _fit_synthesizer(args: argparse.Namespace):
     # Lines on stderr are listed in tramontane.synth.release: none quotes the exact number of rows.
     err.print(f"training a DP synthesizer at epsilon={args.epsilon}, delta={args.delta}"
               + (" (fast configuration)" if args.fast else ""))
-    with _Progress("DP-SGD") as progress:
-        synth.fit(train, test=test, on_step=progress)
+    try:
+        with _Progress("DP-SGD") as progress:
+            synth.fit(train, test=test, on_step=progress)
+    except KeyboardInterrupt:
+        if len(synth.ledger):
+            spent = synth.privacy()
+            err.print(f"interrupted: spent epsilon {spent['epsilon_rdp']:.3f} (RDP) at delta {args.delta:g} on "
+                      "the data so far; it counts against the data's budget")
+        else:
+            err.print("interrupted before anything was spent")
+        raise
     s = synth.summary
     err.print(f"trained on about {s.rows_dp} rows (a DP count, noise std {s.row_count_noise:g}): "
               f"{s.steps} steps at sample rate {s.sample_rate:.4g} (expected batch {s.batch_size}), "
@@ -417,19 +465,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             raise TramontaneError(f"tramontane synth needs --{name}")
     if args.synth_command == "fit":
+        _check_output(args.out_model, "--out-model", "folder", args.overwrite)
         synth, _, _ = _fit_synthesizer(args)
-        synth.save(args.out_model)
+        synth.save(args.out_model, overwrite=args.overwrite)
         _stderr().print(f"saved the synthesizer (model, schema, privacy ledger) to {args.out_model}")
         return 0
     if args.out is None:
         raise TramontaneError("tramontane synth needs --out synthetic.csv")
+    _check_output(args.out, "--out", "file", args.overwrite)
+    _check_output(args.save_model, "--save-model", "folder", args.overwrite)
+    _check_output(args.report, "--report", "folder", args.overwrite)
     synth, train, test = _fit_synthesizer(args)
     rows = args.rows if args.rows is not None else synth.summary.rows_dp  # N itself is not public
     synthetic = synth.sample(rows, seed=args.seed)
     _write_csv_atomic(synthetic, args.out)
     _stderr().print(f"wrote {rows} synthetic rows to {args.out}")
     if args.save_model:
-        synth.save(args.save_model)
+        synth.save(args.save_model, overwrite=args.overwrite)
+        _stderr().print(f"saved the synthesizer (model, schema, privacy ledger) to {args.save_model}")
     if args.report:
         _write_report(synth, train, synthetic, test, args.target, args.report)
     return 0
@@ -440,6 +493,9 @@ def cmd_synth_sample(args: argparse.Namespace) -> int:
 
     if args.model is None or args.rows is None or args.out is None:
         raise TramontaneError("tramontane synth sample needs --model DIR --rows N --out synthetic.csv")
+    if args.rows < 0:
+        raise TramontaneError(f"--rows must be >= 0, got {args.rows}")
+    _check_output(args.out, "--out", "file", args.overwrite)
     synth = Synthesizer.load(args.model)
     synthetic = synth.sample(args.rows, seed=args.seed)
     _write_csv_atomic(synthetic, args.out)
@@ -497,15 +553,18 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="directory for report.json and report.html")
     p.add_argument("--target", default=None, help="label column for train-on-synthetic, test-on-real")
     p.add_argument("--save-model", default=None, help="also save the fitted synthesizer here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")
     p.set_defaults(func=cmd_synth, synth_command=None, model=None)
     synth_sub = p.add_subparsers(dest="synth_command")
     fit = synth_sub.add_parser("fit", help="fit and save a synthesizer")
     fit_options(fit)
     fit.add_argument("--out-model", required=True, help="directory to save the synthesizer to")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing --out-model folder")
     sample = synth_sub.add_parser("sample", help="sample from a saved synthesizer")
     sample.add_argument("--model", required=True, help="a directory written by `synth fit`")
     sample.add_argument("--rows", type=int, required=True)
     sample.add_argument("--out", required=True)
+    sample.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sample.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("evaluate", help="utility of a synthetic table against the real one")

@@ -65,8 +65,9 @@ def test_every_row_is_valid_and_seeds_reproduce(fitted: Synthesizer) -> None:
 
 
 def test_ledger_spends_exactly_the_budget_and_survives_save_load(fitted: Synthesizer, tmp_path: Path) -> None:
-    events = fitted.ledger.events
-    assert len(events) == 1 and events[0].steps == 40
+    count, steps = fitted.ledger.events  # the DP row count, then the DP-SGD steps
+    assert isinstance(count, accounting.GaussianEvent) and count.label == "row count"
+    assert isinstance(steps, accounting.DpSgdEvent) and steps.steps == 40
     eps = accounting.epsilon(fitted.ledger, 1e-5)
     assert eps <= 8.0 and eps == pytest.approx(8.0, rel=1e-3)
     path = fitted.save(tmp_path / "synth")

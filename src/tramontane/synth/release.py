@@ -122,6 +122,7 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
         "trained on about * rows (a DP count*": "the DP row count, sigma and q",
         "spent epsilon *": "the ledger's epsilon under both accountants, DP-SGD setting",
         "wrote * synthetic rows to *": "the synthetic CSV and its size",
+        "interrupted*": "what an interrupted fit had spent (the ledger so far)",
     }),
     *_fields(STDERR, HOLDER, (), {
         "DP-SGD *": "progress of training (shown to the data holder while it runs; its timing grows with N)",

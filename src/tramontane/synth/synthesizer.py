@@ -397,12 +397,22 @@ class Synthesizer:
                 "epsilon_pld": spent["pld"], "ledger": self.ledger.to_dict()}
 
     # -- persistence ----------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write model, schema, ledger and settings to `directory` atomically (replacing it)."""
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write model, schema, ledger and settings to `directory`, which appears complete or not at all.
+
+        An existing file, or a non-empty folder, is refused unless `overwrite=True`, which replaces it whole
+        (nothing of the old one is kept, hidden or not). Debris of an earlier save that was killed midway
+        (`.NAME.tmp-*`) is removed first.
+        """
         model, _ = self._fitted()
         directory = Path(directory)
+        if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
+            raise ConfigError(f"{directory} already exists: choose a new folder, or save with overwrite=True "
+                              "(--overwrite) to replace it")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
         try:
             save_model(model, tmp / "model", format="consolidated")
             self.schema.save(tmp / "schema.json")
@@ -411,10 +421,10 @@ class Synthesizer:
                      "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
                      "ledger": self.ledger.to_dict(), "summary": asdict(self.summary) if self.summary else None}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
+            os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700; a saved model is meant to be shared
+            if directory.exists() or directory.is_symlink():
+                old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-old-"))
+                os.replace(directory, old / "previous")
                 os.replace(tmp, directory)
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -456,6 +466,12 @@ class Synthesizer:
         synth.model.eval()
         synth.codec = TabularCodec(synth.schema)
         return synth
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def dp_row_count(n: int, noise_std: float, seed: int | None = None) -> int:

@@ -1,0 +1,117 @@
+"""`synth` never destroys an existing output, and refuses bad options and unwritable or clobbering outputs
+before it reads a single private value (so nothing is spent)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tramontane.cli import main
+from tramontane.datasets import load_adult
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+COLUMNS = ["age", "workclass", "sex", "income"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "r600.csv"
+    load_adult("train")[COLUMNS].sample(600, random_state=0).to_csv(path, index=False)
+    return path
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def _refused_before_reading(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "training a DP synthesizer" not in err and "spent epsilon" not in err  # nothing was read
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_existing_outputs_are_refused_and_kept(data: Path, tmp_path: Path, capsys) -> None:
+    fit = ["synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2"]
+    existing = tmp_path / "existing_dir"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    _refused_before_reading(*_run(capsys, *fit, "--out-model", str(existing)), "already exists", "--overwrite")
+    assert (existing / "keep.txt").read_text() == "mine"
+
+    afile = tmp_path / "afile"
+    afile.write_text("a file")
+    _refused_before_reading(*_run(capsys, *fit, "--out-model", str(afile)), "is a file")
+    assert afile.read_text() == "a file"
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    one_go = ["synth", "--data", str(data), "--epsilon", "50", "--steps", "2"]
+    _refused_before_reading(*_run(capsys, *one_go, "--out", str(folder)), "is a folder")
+    csv = tmp_path / "old.csv"
+    csv.write_text("x\n1\n")
+    _refused_before_reading(*_run(capsys, *one_go, "--out", str(csv)), "already exists")
+    assert csv.read_text() == "x\n1\n"
+    _refused_before_reading(*_run(capsys, *one_go, "--out", str(tmp_path / "new.csv"), "--report", str(afile)),
+                            "is a file")
+    assert not (tmp_path / "new.csv").exists()
+    assert _listing(tmp_path) == ["afile", "existing_dir", "folder", "old.csv"]  # nothing hidden left
+
+    # --overwrite replaces the whole folder, atomically, keeping nothing of it (hidden or not).
+    code, err = _run(capsys, *fit, "--out-model", str(existing), "--overwrite")
+    assert code == 0, err
+    assert "keep.txt" not in _listing(existing) and "synthesizer.json" in _listing(existing)
+    assert _listing(tmp_path) == ["afile", "existing_dir", "folder", "old.csv"]
+
+
+@pytest.mark.parametrize("option", [["--rows", "-5"], ["--steps", "0"], ["--steps", "-3"], ["--seed", "-1"],
+                                    ["--epsilon", "inf"], ["--delta", "1.5"]])
+def test_bad_options_are_refused_before_any_private_read(data: Path, tmp_path: Path, capsys,
+                                                        option: list[str]) -> None:
+    argv = ["synth", "--data", str(data), "--epsilon", "5", "--out", str(tmp_path / "s.csv"), *option]
+    code, err = _run(capsys, *argv)
+    _refused_before_reading(code, err, option[0].lstrip("-").split("-")[0])
+    assert _listing(tmp_path) == []
+
+
+def test_an_unwritable_folder_is_refused_before_any_private_read(data: Path, tmp_path: Path, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        code, err = _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
+                         "--out-model", str(locked / "model"))
+        _refused_before_reading(code, err, "cannot write")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_damaged_or_missing_models_get_one_line_errors(data: Path, tmp_path: Path, capsys) -> None:
+    sample = ["synth", "sample", "--rows", "5", "--out", str(tmp_path / "s.csv"), "--model"]
+    code, err = _run(capsys, *sample, str(tmp_path / "does_not_exist"))
+    assert code == 2 and "does not exist" in err
+    model = tmp_path / "model"
+    assert _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
+                "--out-model", str(model))[0] == 0
+    state = model / "synthesizer.json"
+    text = state.read_text()
+    for damaged in (text[: len(text) // 2], json.dumps({**json.loads(text), "config": {"dim": 8, "bogus": 1}}),
+                    json.dumps({k: v for k, v in json.loads(text).items() if k != "ledger"})):
+        state.write_text(damaged)
+        code, err = _run(capsys, *sample, str(model))
+        assert code == 2 and "damaged" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.csv").exists()
