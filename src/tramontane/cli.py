@@ -450,11 +450,13 @@ def _fit_synthesizer(args: argparse.Namespace):
 
 
 def _write_report(synth, train, synthetic, test, target: str | None, directory: str) -> None:
-    from tramontane.report.privacy_report import synthesizer_report, write_report
+    from tramontane.report.privacy_report import write_reports
 
-    report = synthesizer_report(synth, train, synthetic, test, target)
-    json_path, html_path = write_report(directory, report, train, synthetic, synth.schema)
-    _stderr().print(f"report: {html_path} and {json_path}")
+    paths = write_reports(directory, synth, train, synthetic, test, target)
+    err = _stderr()
+    err.print(f"release (shareable): {paths.release_html}")
+    if paths.evaluation_html is not None:
+        err.print(f"evaluation (data holder only, do not publish): {paths.evaluation_html}")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -550,7 +552,8 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
     fit_options(p)
     p.add_argument("--out", default=None, help="synthetic CSV to write")
     p.add_argument("--rows", type=int, default=None, help="rows to sample (default: as many as the input)")
-    p.add_argument("--report", default=None, help="directory for report.json and report.html")
+    p.add_argument("--report", default=None, help="folder for the reports: release/ (shareable) and "
+                   "holder-only/ (utility against the real rows: do not publish)")
     p.add_argument("--target", default=None, help="label column for train-on-synthetic, test-on-real")
     p.add_argument("--save-model", default=None, help="also save the fitted synthesizer here")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")

@@ -46,15 +46,18 @@ def adult_schema() -> Schema:
 def read_csv(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
     """Read a table from CSV, raising `DataError` for a missing, empty, header-only or undecodable file.
 
-    With a schema, categorical columns are read as text (so "007" stays "007"), an empty field is the only
-    missing value, and the result is checked against the schema (`SchemaError` if it does not fit).
+    An empty field is the only missing value. Without a schema every column is read as text: a dtype
+    guessed from the rows would let one row (an `unknown` among integers) change how a whole column reads,
+    and the kinds are decided from the values later (`infer_schema`, `Schema.conform` read numbers from
+    text). With a schema, categorical columns are read as text (so "007" stays "007") and the result is
+    checked against the schema (`SchemaError` if it does not fit).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist")
     if path.is_dir():
         raise DataError(f"{path} is a directory, not a CSV file")
-    kwargs: dict = {}
+    kwargs: dict = {"dtype": str, "keep_default_na": False, "na_values": [""]}
     if schema is not None:
         kwargs = dict(dtype={c.name: str for c in schema.columns if c.kind == "categorical"},
                       keep_default_na=False, na_values=[""])

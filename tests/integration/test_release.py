@@ -16,6 +16,13 @@ import pytest
 
 from tramontane import accounting
 from tramontane.cli import main
+from tramontane.report.privacy_report import (
+    EVALUATION_HTML,
+    EVALUATION_JSON,
+    RELEASE_HTML,
+    RELEASE_JSON,
+    manifest,
+)
 from tramontane.datasets import adult_schema, load_adult
 from tramontane.errors import PrivacyParameterError, SchemaError, TramontaneWarning
 from tramontane.synth import release
@@ -43,18 +50,6 @@ def _adversarial_row() -> dict:
             "income": ">50K"}
 
 
-def _leaves(value, prefix: str = ""):
-    """(dotted path, leaf value) pairs of a JSON value, lists as `[]` (paths as `release.json_paths`)."""
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(value, list) and value:
-        for v in value:
-            yield from _leaves(v, f"{prefix}[]")
-    else:
-        yield prefix, value
-
-
 def _artifact_fields(root: Path, model: Path | None, synthetic: Path | None) -> dict[str, list[tuple[str, object]]]:
     """Every field of the run's files, keyed by manifest artifact name."""
     out: dict[str, list[tuple[str, object]]] = {}
@@ -62,7 +57,7 @@ def _artifact_fields(root: Path, model: Path | None, synthetic: Path | None) -> 
         for path in sorted(p for p in model.rglob("*") if p.is_file()):
             name = "model/" + path.relative_to(model).as_posix()
             if path.suffix == ".json":
-                out[name] = list(_leaves(json.loads(path.read_text())))
+                out[name] = list(release.json_fields(json.loads(path.read_text())))
             else:
                 out[name] = [("", path.read_bytes())]
     if synthetic is not None:
@@ -73,20 +68,24 @@ def _artifact_fields(root: Path, model: Path | None, synthetic: Path | None) -> 
     return out
 
 
+MANIFEST = manifest()
+SHAREABLE = (*release.SHAREABLE_ARTIFACTS, RELEASE_JSON, RELEASE_HTML)
+
+
 def _check_manifest(fields: dict[str, list[tuple[str, object]]], ledger_labels: list[str]) -> None:
     unlisted, no_event = [], []
     for artifact, items in fields.items():
         for path, _ in items:
-            entry = release.lookup(artifact, path)
+            entry = release.lookup(artifact, path, MANIFEST)
             if entry is None:
                 unlisted.append(f"{artifact}:{path}")
-            elif entry.status == DP and artifact != "stderr":
-                # a DP field must come from events that are on this run's ledger (a given schema: public)
+            elif entry.status == DP:
+                # a DP field must come from events that are on this run's ledger
                 present = [s for s in entry.source if any(lab.startswith(s) for lab in ledger_labels)]
                 if not present:
                     no_event.append(f"{artifact}:{path} (needs {entry.source})")
             elif entry.status == HOLDER:
-                assert artifact not in release.SHAREABLE_ARTIFACTS, f"{artifact}:{path} is holder-only"
+                assert artifact not in SHAREABLE, f"{artifact}:{path} is holder-only but in a shareable file"
     assert not unlisted, f"fields written but not in tramontane.synth.release.MANIFEST: {unlisted}"
     assert not no_event, f"DP fields without their ledger event: {no_event}"
 
@@ -107,13 +106,14 @@ def test_every_written_field_is_in_the_manifest(table: pd.DataFrame, tmp_path: P
     fields = _artifact_fields(out, out / "model", out / "synthetic.csv")
     for path in sorted(p for p in (out / "report").rglob("*") if p.is_file()):
         name = "report/" + path.relative_to(out / "report").as_posix()
-        fields[name] = list(_leaves(json.loads(path.read_text()))) if path.suffix == ".json" else [("", None)]
+        fields[name] = list(release.json_fields(json.loads(path.read_text()))) if path.suffix == ".json" else [("", None)]
+    assert set(fields) >= {RELEASE_JSON, RELEASE_HTML, EVALUATION_JSON, EVALUATION_HTML}
     stderr_lines = [line.strip() for line in captured.err.splitlines() if line.strip()]
     fields[release.STDERR] = [(line, None) for line in stderr_lines]
     assert captured.out == ""  # synth prints nothing on stdout
     _check_manifest(fields, labels)
     # Exactly the files the manifest knows, no more.
-    expected_files = {a for a in (f.artifact for f in release.MANIFEST) if a.startswith("model/")}
+    expected_files = {a for a in (f.artifact for f in MANIFEST) if a.startswith("model/")}
     assert {a for a in fields if a.startswith("model/")} == expected_files
 
 

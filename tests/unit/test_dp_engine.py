@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import random_model, tiny_args
-from tramontane.dp import DPEngine, find_unsupported, validate_model
+from tramontane.dp import CLIP_EPS, DPEngine, find_unsupported, validate_model
 from tramontane.errors import PrivacyParameterError, TramontaneWarning, UnsupportedModuleError
 
 Z = 6.0  # two-sided windows at 6 standard deviations: a correct engine fails once in ~5e8 runs
@@ -49,21 +49,76 @@ def test_noise_has_std_sigma_c_and_mean_zero(seed: int | None) -> None:
     assert not torch.equal(grads["bias"], grads["weight"][0])
 
 
+def test_first_step_continues_the_seeded_noise() -> None:
+    """A resumed engine (first_step=k) draws the uninterrupted engine's noise of step k, not of step 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TramontaneWarning)
+        model = nn.Linear(20, 10)
+        whole = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, seed=3)
+        draws = []
+        for _ in range(3):
+            whole.add_noise_and_set_grads(1.0)
+            draws.append(model.weight.grad.clone())
+        resumed = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, seed=3, first_step=2)
+        resumed.add_noise_and_set_grads(1.0)
+    assert torch.equal(model.weight.grad, draws[2])
+    assert not torch.equal(model.weight.grad, draws[0])
+
+
+def _lm_losses(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    return losses.view(tokens.shape[0], tokens.shape[1] - 1).sum(1)
+
+
+def _loop_clipped_sum(model: nn.Module, tokens: torch.Tensor,
+                      clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent of the engine: each example's gradient alone by autograd, clipped, summed. Returns the
+    flat sum (parameters in model.parameters() order) and the per-example norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, norms = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64), []
+    for i in range(tokens.shape[0]):
+        grads = torch.autograd.grad(_lm_losses(model, tokens[i:i + 1]).sum(), params)
+        flat = torch.cat([g.flatten() for g in grads]).double()
+        norms.append(flat.norm().item())
+        total += flat * min(1.0, clip / (norms[-1] + CLIP_EPS))
+    return total, torch.tensor(norms)
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+
 def test_noise_is_added_to_the_clipped_sum() -> None:
+    """R noisy steps on one batch: their mean is the per-example loop's clipped sum (seen along its own
+    direction, where it stands out of the noise), and what is left is noise of std sigma C."""
     model = random_model(tiny_args(), seed=0)
     tokens = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(0))
-    engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=2.0)
-    with engine.record():
-        logits = model(tokens[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        engine.backward(losses.view(4, -1).sum(1))
-    clipped = engine.clipped_grad_sum()
-    assert all(p.grad is None for p in model.parameters())  # nothing set before the noise
-    engine.add_noise_and_set_grads(expected_batch_size=3.0)
-    noise = torch.cat([(p.grad * 3.0 - clipped[n]).flatten() for n, p in model.named_parameters()]).double()
-    low, high = _std_window(noise.numel(), 1.0)
-    assert low < noise.std().item() < high
-    assert engine.clipped_grad_sum()["norm.weight"].abs().sum() == 0  # the next step starts from zero
+    sigma, clip, expected, draws = 0.25, 0.5, 3.0, 16
+    signal, _ = _loop_clipped_sum(model, tokens, clip)
+    engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=sigma)
+    noisy = []
+    for _ in range(draws):
+        with engine.record():
+            engine.backward(_lm_losses(model, tokens))
+        assert all(p.grad is None for p in model.parameters())  # nothing set before the noise
+        engine.add_noise_and_set_grads(expected_batch_size=expected)
+        assert engine.clipped_grad_sum()["norm.weight"].abs().sum() == 0  # the next step starts from zero
+        noisy.append(_flat_grad(model) * expected)  # undo the normalisation
+        for p in model.parameters():
+            p.grad = None
+    noisy = torch.stack(noisy)  # [R, P]
+    std, se = sigma * clip, sigma * clip / math.sqrt(draws)
+    direction = signal / signal.norm()
+    along = (noisy @ direction).mean().item()  # ~ N(|signal|, se^2); 0 if the clipped sum were dropped
+    assert signal.norm().item() > 20 * se  # so the window below cannot pass without it
+    assert abs(along - signal.norm().item()) < Z * se, (along, signal.norm().item())
+    # The residual of the mean: R ||mean - signal||^2 / (sigma C)^2 ~ chi2(P).
+    p = signal.numel()
+    chi2 = ((noisy.mean(0) - signal).pow(2).sum() / se**2).item()
+    assert abs(chi2 - p) < Z * math.sqrt(2 * p), (chi2, p)
+    low, high = _std_window(noisy.numel(), std)
+    assert low < (noisy - signal).std().item() < high
 
 
 def test_seed_warns_and_reproduces_no_seed_does_not() -> None:
@@ -90,12 +145,6 @@ def test_noise_differs_across_steps() -> None:
         first = model.weight.grad.clone()
         engine.add_noise_and_set_grads(1.0)
         assert not torch.equal(first, model.weight.grad)
-
-
-def _lm_losses(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    return losses.view(tokens.shape[0], tokens.shape[1] - 1).sum(1)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -183,24 +232,31 @@ def test_parameter_and_usage_errors() -> None:
     assert model.weight.requires_grad and model.weight.grad is None
 
 
-def test_compute_noisy_grads_is_record_then_noise() -> None:
-    """The one-call step equals the manual one (same seed, same micro-batches), and the noise is there."""
+def test_compute_noisy_grads_is_the_clipped_sum_plus_noise() -> None:
+    """The one-call step over two micro-batches, against an independent per-example loop: without noise
+    the .grad is the loop's clipped sum / expected batch size; with noise, the rest has std sigma C."""
     tokens = torch.randint(0, 97, (5, 9), generator=torch.Generator().manual_seed(4))
-    grads = []
-    for manual in (True, False):
-        model = random_model(tiny_args(), seed=0)
-        with pytest.warns(TramontaneWarning):
-            engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.3, seed=11)
-        micro = [tokens[:2], tokens[2:]]
-        if manual:
-            for part in micro:
-                with engine.record():
-                    engine.backward(_lm_losses(model, part))
-            engine.add_noise_and_set_grads(expected_batch_size=5.0)
-        else:
-            engine.compute_noisy_grads(_lm_losses, micro, expected_batch_size=5.0)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    micro = [tokens[:2], tokens[2:]]
+    model = random_model(tiny_args(), seed=0)
+    _, norms = _loop_clipped_sum(model, tokens, 1.0)
+    clip = norms.median().item()  # some examples clipped, some not
+    signal, _ = _loop_clipped_sum(model, tokens, clip)
+    with pytest.warns(TramontaneWarning, match="NOT differentially private"):
+        engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=0.0)
+    engine.compute_noisy_grads(_lm_losses, micro, expected_batch_size=5.0)
+    assert 0 < (engine.clip_factors < 1).sum() < 3  # the last micro-batch: clipping active for some only
+    torch.testing.assert_close(_flat_grad(model) * 5.0, signal, rtol=1e-4,
+                               atol=1e-4 * signal.abs().max().item())
+
+    sigma = 0.3
+    for p in model.parameters():
+        p.grad = None
+    engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=sigma)
+    engine.compute_noisy_grads(_lm_losses, micro, expected_batch_size=5.0)
+    noise = _flat_grad(model) * 5.0 - signal
+    low, high = _std_window(noise.numel(), sigma * clip)
+    assert low < noise.std().item() < high
+    assert abs(noise.mean().item()) < Z * sigma * clip / math.sqrt(noise.numel())
 
 
 class UsesWeightOutsideForward(nn.Module):

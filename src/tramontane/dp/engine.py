@@ -181,7 +181,10 @@ class DPEngine:
         max_grad_norm: the clipping bound C > 0 on each example's gradient (all parameters together).
         noise_multiplier: sigma >= 0; the noise std per coordinate is sigma * C. sigma = 0 warns.
         seed: None (default) seeds the noise from the OS CSPRNG at every step. An int makes the noise
-            reproducible and predictable: a `TramontaneWarning` says so.
+            reproducible and predictable: a `TramontaneWarning` says so. Step t's noise is then a function
+            of (seed, t) alone (`noise.derive_seed`), independent of a `PoissonSampler` given the same seed.
+        first_step: index of the first step this engine takes, for seeded noise: a resumed run passes the
+            steps already taken, so that it draws fresh noise rather than replaying its first steps'.
         linear_strategy: "auto" (per layer, the cheaper of ghost norms and materialised per-example
             gradients), or "ghost" / "materialize" for every nn.Linear (testing, benchmarks).
 
@@ -189,7 +192,7 @@ class DPEngine:
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, noise_multiplier: float,
-                 seed: int | None = None, linear_strategy: str = "auto") -> None:
+                 seed: int | None = None, first_step: int = 0, linear_strategy: str = "auto") -> None:
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
                 and max_grad_norm > 0):
             raise PrivacyParameterError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
@@ -208,7 +211,7 @@ class DPEngine:
         self.noise_multiplier = float(noise_multiplier)
         self.linear_strategy = linear_strategy
         self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied: listed once
-        self._noise = SecureRandom(seed, "DP-SGD noise")
+        self._noise = SecureRandom(seed, "DP-SGD noise", first_step)
         self._plan = self._plan_hooks(model)
         self._moe_member: dict[nn.Module, tuple[MoeLayer, int]] = {}
         self._moe_gates: dict[nn.Module, MoeLayer] = {}

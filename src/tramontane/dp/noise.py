@@ -7,46 +7,78 @@ Gaussian samples are known to leak low-order bits (Mironov 2012, "On significanc
 bits for differential privacy"); like Opacus without `secure_mode`, we accept both.
 
 With a seed, every draw is reproducible, hence predictable by whoever knows the seed: a `TramontaneWarning`
-says so. Use seeds for tests and debugging, not for releases.
+says so. Use seeds for tests and debugging, not for releases. A seeded stream is a pure function of
+(seed, purpose, device, step index) through `derive_seed`, which gives two guarantees:
+- one seed may serve several mechanisms: the Poisson sampler and the Gaussian noise seeded alike still
+  draw independent streams (their purposes differ), so the noise is never a function of the batch draws;
+- a run resumed at step k (`first_step=k`) draws exactly what an uninterrupted run draws at steps k, k+1,
+  ..., never a replay of steps 0, 1, ...
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import operator
 import secrets
 import warnings
-import zlib
 
 import torch
 
-from tramontane.errors import TramontaneWarning
+from tramontane.errors import PrivacyParameterError, TramontaneWarning
+
+_SEED_DOMAIN = "tramontane.derive_seed.v1"
+
+
+def derive_seed(seed: int, *labels: str | int) -> int:
+    """A 63-bit torch seed for one labelled use of `seed`: the first 8 bytes of SHA-256 over the JSON list
+    [domain, seed, *labels]. Distinct labels give seeds as independent as SHA-256 outputs, so streams
+    seeded from them share nothing (unlike seed + offset, where streams of nearby seeds may overlap)."""
+    digest = hashlib.sha256(json.dumps([_SEED_DOMAIN, operator.index(seed), *labels]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 class SecureRandom:
-    """A per-device torch.Generator: reseeded from `secrets` at each `next_step()`, or seeded once."""
+    """Per-device torch.Generators, new for every step: from `secrets`, or derived from a fixed seed.
 
-    def __init__(self, seed: int | None, purpose: str) -> None:
+    Call `next_step()` at the start of each step (the first call opens step `first_step`; a `generator()`
+    request before any call opens it too). Within a step, draws on one device continue one stream.
+
+    Args:
+        seed: None (secure: fresh OS entropy at each step) or a fixed seed (reproducible; warns).
+        purpose: what the draws are for; it names the stream in the warning and labels the seed derivation,
+            so generators of different purposes never share a stream, whatever their seeds.
+        first_step: index of the first step, for a resumed run (ignored without a seed).
+    """
+
+    def __init__(self, seed: int | None, purpose: str, first_step: int = 0) -> None:
+        if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
+            raise PrivacyParameterError(f"first_step must be an integer >= 0, got {first_step!r}")
         if seed is not None:
             warnings.warn(
                 f"{purpose} uses a fixed seed ({seed}): it is reproducible and NOT secure; anyone who knows "
                 "the seed can predict it. Leave seed=None for a private run.",
                 TramontaneWarning, stacklevel=3)
-        self.seed = seed
+        self.seed, self.purpose = seed, purpose
+        self.step: int | None = None  # index of the current step; None until the first
+        self._next_step = first_step
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def next_step(self) -> None:
-        """Unseeded: the next draws use new secret seeds. Seeded: the reproducible streams just continue."""
-        if self.seed is None:
-            self._generators.clear()
+        """Start the next step: its draws come from new generators (new secret or derived seeds)."""
+        self.step, self._next_step = self._next_step, self._next_step + 1
+        self._generators.clear()
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         device = torch.device(device)
+        if self.step is None:
+            self.next_step()
         if device not in self._generators:
             gen = torch.Generator(device=device)
             if self.seed is None:
                 gen.manual_seed(secrets.randbits(63))
-            else:  # distinct, reproducible streams per device
-                gen.manual_seed((self.seed + zlib.crc32(str(device).encode())) % 2**63
-                                if device.type != "cpu" else self.seed)
+            else:
+                gen.manual_seed(derive_seed(self.seed, self.purpose, str(device), self.step))
             self._generators[device] = gen
         return self._generators[device]
 

@@ -25,11 +25,14 @@ class PoissonSampler:
 
     Usable as `torch.utils.data.DataLoader(dataset, batch_sampler=..., collate_fn=...)` provided the
     collate function accepts an empty list. `steps` defaults to round(1 / sample_rate): one epoch in
-    expectation. Without a seed the draws are seeded from the OS CSPRNG; a seed warns (`TramontaneWarning`).
+    expectation. Without a seed the draws are seeded from the OS CSPRNG; a seed warns (`TramontaneWarning`)
+    and makes step t's batch a function of (seed, t) alone (`noise.derive_seed`), independent of the
+    noise an engine draws from the same seed. A resumed run passes `first_step` = the steps already
+    taken, so that its seeded batches continue the run's sequence instead of repeating its first steps.
     """
 
     def __init__(self, num_examples: int, sample_rate: float, steps: int | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, first_step: int = 0) -> None:
         if not isinstance(num_examples, int) or num_examples < 1:
             raise PrivacyParameterError(f"num_examples must be a positive integer, got {num_examples!r}")
         if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
@@ -39,7 +42,7 @@ class PoissonSampler:
         if not isinstance(steps, int) or steps < 1:
             raise PrivacyParameterError(f"steps must be a positive integer, got {steps!r}")
         self.num_examples, self.sample_rate, self.steps = num_examples, float(sample_rate), steps
-        self._random = SecureRandom(seed, "Poisson sampling")
+        self._random = SecureRandom(seed, "Poisson sampling", first_step)
 
     @property
     def expected_batch_size(self) -> float:

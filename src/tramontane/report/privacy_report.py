@@ -1,293 +1,273 @@
-"""The synthesizer's report: JSON for machines, one self-contained HTML page with plots for people.
+"""The synthesizer's reports: a shareable release and the data holder's evaluation, kept apart.
 
-Sections: privacy (the ledger, epsilon under RDP and PLD, the DP-SGD setting and its TAN), the schema and
-what inferring it cost, the held-out learning curve, utility (marginal TVD, ML efficacy, held-out NLL,
-copies of training rows), and plots: per-column marginals real vs synthetic and the difference between
-real and synthetic pairwise associations (Cramer's V). Utility numbers are computed against real rows and
-are labelled as not covered by the DP guarantee.
+`write_reports(directory, synth, real_train, synthetic, real_test, target)` writes
+
+    DIR/release/report.json, report.html          shareable with the synthetic table (files 0666 minus the
+                                                   umask: 0644 as usual)
+    DIR/holder-only/evaluation.json, .html        for the data holder only (directory 0700, files 0600)
+
+so that publishing `release/` cannot leak through the evaluation by accident. The release is built by
+`release_report` (`tramontane.report.release`) from the privacy ledger, `Synthesizer.summary` and
+`.config`, the schema, bounds from the ledger (`tramontane.audit.card.privacy_card`) and the synthetic
+table; it never reads real rows or `Synthesizer.diagnostics`. The evaluation is built by
+`holder_evaluation` (`tramontane.report.evaluation`) from the real rows and carries a "do not publish"
+notice. Each file is written atomically (`page.write_atomic`).
+
+Privacy unit: one row of the training table; neighbouring tables differ by adding or removing one row.
+The number of rows N is therefore not public: the release shows only the DP count (`row_count.rows_dp`,
+Gaussian noise of std `SynthConfig.row_count_noise`, ledger event "row count"), which set the sampling rate
+and the default number of synthetic rows.
+
+JSON key paths (dotted; `[]`: the items of a list). Status: public (a public input or a constant), dp
+(computed from the ledger or from DP releases: post-processing), schema (public or dp as `schema.source`
+says; non-private when the schema was read off the rows without DP, which the report warns about),
+holder-only (computed from real rows: not covered by DP, never in the release). Optional parts of the
+evaluation are null, not absent. The registries `RELEASE_FIELDS` and `EVALUATION_FIELDS` hold the same
+table with each figure's one-line meaning; `model.config` holds every `SynthConfig` field by name.
+
+release/report.json (format "tramontane.release-report", version 1):
+
+    key path                                      status       source
+    format                                        public       constant
+    version                                       public       constant
+    summary                                       dp           ledger, bounds, DP count, schema
+    summary.privacy_unit                          public       constant
+    summary.neighbouring_relation                 public       constant
+    summary.epsilon                               dp           ledger
+    summary.delta                                 public       public input
+    summary.statements[]                          dp           bounds from the ledger, DP count, schema
+    privacy                                       dp           ledger
+    privacy.target_epsilon                        public       public input
+    privacy.delta                                 public       public input
+    privacy.accountant                            public       public input
+    privacy.epsilon_rdp                           dp           ledger
+    privacy.epsilon_pld                           dp           ledger
+    privacy.ledger                                dp           ledger
+    privacy.ledger.format                         public       constant
+    privacy.ledger.version                        public       constant
+    privacy.ledger.events[]                       dp           ledger
+    privacy.ledger.events[].type                  public       ledger
+    privacy.ledger.events[].label                 public       ledger
+    privacy.ledger.events[].noise_multiplier      dp           ledger
+    privacy.ledger.events[].count                 public       ledger
+    privacy.ledger.events[].sample_rate           dp           ledger
+    privacy.ledger.events[].steps                 dp           ledger
+    privacy.ledger.events[].epsilon               public       ledger
+    privacy.ledger.events[].delta                 public       ledger
+    bounds                                        dp           bound from the ledger
+    bounds.mi_advantage_bound                     dp           bound from the ledger
+    bounds.mi_advantage_naive_epsilon_delta       dp           bound from the ledger
+    bounds.mi_advantage_naive_yeom                dp           bound from the ledger
+    bounds.confidence_prior                       public       constant
+    bounds.confidence_fpr                         public       constant
+    bounds.confidence_bound                       dp           bound from the ledger
+    bounds.confidence_naive                       dp           bound from the ledger
+    bounds.reconstruction[]                       dp           bound from the ledger
+    bounds.reconstruction[].column                schema       schema
+    bounds.reconstruction[].values                schema       schema
+    bounds.reconstruction[].chance                schema       schema
+    bounds.reconstruction[].bound                 dp           bound from the ledger
+    row_count                                     dp           DP count
+    row_count.rows_dp                             dp           DP count
+    row_count.noise_std                           public       public input
+    row_count.ledger_label                        public       constant
+    dp_sgd                                        dp           ledger
+    dp_sgd.steps                                  dp           ledger
+    dp_sgd.sample_rate                            dp           ledger
+    dp_sgd.noise_multiplier                       dp           ledger
+    dp_sgd.max_grad_norm                          public       public input
+    dp_sgd.expected_batch_size                    dp           DP count
+    dp_sgd.eta                                    dp           computed from the ledger
+    dp_sgd.total_amount_of_noise                  dp           computed from the ledger
+    dp_sgd.epsilon_tan                            dp           computed from the ledger
+    schema                                        schema       schema
+    schema.source                                 public       schema
+    schema.epsilon                                public       ledger
+    schema.delta                                  public       ledger
+    schema.provenance                             schema       schema
+    schema.notes[]                                schema       schema
+    schema.columns[]                              schema       schema
+    schema.columns[].name                         schema       schema
+    schema.columns[].kind                         schema       schema
+    schema.columns[].n_values                     schema       schema
+    schema.columns[].missing                      schema       schema
+    schema.columns[].categories[]                 schema       schema
+    schema.columns[].lo                           schema       schema
+    schema.columns[].hi                           schema       schema
+    synthetic                                     dp           synthetic table
+    synthetic.rows                                dp           synthetic table
+    synthetic.columns[]                           public       synthetic table
+    model                                         public       public input
+    model.parameters                              public       public input
+    model.config                                  public       public input
+
+holder-only/evaluation.json (format "tramontane.holder-evaluation", version 1):
+
+    key path                                      status       source
+    format                                        public       constant
+    version                                       public       constant
+    notice                                        public       constant
+    utility                                       holder-only  real rows and synthetic table
+    utility.rows_real                             holder-only  real training rows
+    utility.rows_real_test                        holder-only  real held-out rows
+    utility.rows_synthetic                        holder-only  synthetic table
+    utility.tvd                                   holder-only  real rows and synthetic table
+    utility.tvd.1-way                             holder-only  real rows and synthetic table
+    utility.tvd.2-way                             holder-only  real rows and synthetic table
+    utility.tvd.3-way                             holder-only  real rows and synthetic table
+    utility.tvd_real_test_vs_train                holder-only  real held-out rows
+    utility.tvd_real_test_vs_train.1-way          holder-only  real held-out rows
+    utility.tvd_real_test_vs_train.2-way          holder-only  real held-out rows
+    utility.tvd_real_test_vs_train.3-way          holder-only  real held-out rows
+    utility.exact_match_share                     holder-only  real rows and synthetic table
+    utility.exact_match_share_real_test           holder-only  real held-out rows
+    utility.mean_abs_cramers_v_difference         holder-only  real rows and synthetic table
+    utility.heldout_nll_per_row                   holder-only  real held-out rows
+    utility.heldout_nll_per_row.nll_per_row       holder-only  real held-out rows
+    utility.heldout_nll_per_row.stderr            holder-only  real held-out rows
+    utility.heldout_nll_per_row.nll_per_row_bits  holder-only  real held-out rows
+    utility.heldout_nll_per_row.n                 holder-only  real held-out rows
+    utility.ml_efficacy                           holder-only  real rows and synthetic table
+    utility.ml_efficacy.target                    holder-only  public input
+    utility.ml_efficacy.positive                  holder-only  public input
+    utility.ml_efficacy.majority_accuracy         holder-only  real held-out rows
+    utility.ml_efficacy.n_train                   holder-only  real training rows
+    utility.ml_efficacy.n_synthetic               holder-only  synthetic table
+    utility.ml_efficacy.n_test                    holder-only  real held-out rows
+    utility.ml_efficacy.scores[]                  holder-only  real rows and synthetic table
+    utility.ml_efficacy.scores[].model            holder-only  constant
+    utility.ml_efficacy.scores[].trained_on       holder-only  constant
+    utility.ml_efficacy.scores[].accuracy         holder-only  real held-out rows
+    utility.ml_efficacy.scores[].roc_auc          holder-only  real held-out rows
+    training                                      holder-only  fit diagnostics (real rows)
+    training.rows_given                           holder-only  fit diagnostics (real rows)
+    training.rows_used                            holder-only  fit diagnostics (real rows)
+    training.seconds                              holder-only  fit diagnostics (real rows)
+    training.heldout_curve[]                      holder-only  real held-out rows
+    training.heldout_curve[].step                 holder-only  constant
+    training.heldout_curve[].eval_loss            holder-only  real held-out rows
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
-import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tramontane import accounting
-from tramontane.report.metrics import MarginalBins, table_codes
-from tramontane.synth.schema import Schema
+from tramontane.report.evaluation import EVALUATION_FIELDS, holder_evaluation, render_evaluation
+from tramontane.report.page import write_atomic
+from tramontane.report.release import OPAQUE, RELEASE_FIELDS, release_report, render_release
+from tramontane.synth import release as synth_release
 
-NOT_DP_NOTE = ("Utility figures compare the synthetic table with the real rows: they are not covered by the "
-               "differential-privacy guarantee and should not be released with the data.")
+__all__ = ["EVALUATION_FIELDS", "HOLDER_DIR", "RELEASE_DIR", "RELEASE_FIELDS", "ReportPaths",
+           "holder_evaluation", "release_report", "write_reports"]
 
-
-def privacy_section(ledger: accounting.PrivacyLedger, target_epsilon: float, delta: float,
-                    summary: dict[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"target_epsilon": target_epsilon, "delta": delta,
-                           "epsilon_rdp": accounting.epsilon(ledger, delta, "rdp") if len(ledger) else 0.0,
-                           "epsilon_pld": accounting.epsilon(ledger, delta, "pld") if len(ledger) else 0.0,
-                           "ledger": ledger.to_dict()["events"]}
-    if summary:
-        q, sigma, steps = summary["sample_rate"], summary["noise_multiplier"], summary["steps"]
-        eta = accounting.eta(q, sigma, steps)
-        out["dp_sgd"] = {"steps": steps, "expected_batch_size": summary["batch_size"], "sample_rate": q,
-                         "noise_multiplier": sigma, "max_grad_norm": summary.get("max_grad_norm"),
-                         "eta_tan": eta, "epsilon_tan": accounting.eps_tan(eta, delta),
-                         "privacy_unit": "one row"}
-    return out
+RELEASE_DIR = "release"
+HOLDER_DIR = "holder-only"
+SHAREABLE_MODE = 0o666  # the umask applies: 0644 under the usual 022
+HOLDER_MODE = 0o600
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where `write_reports` wrote; the evaluation's paths are None when no real table was given."""
 
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _codes(real: pd.DataFrame, synthetic: pd.DataFrame, names: list[str],
-           bins: MarginalBins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shared integer codes [N, d] of both tables (numeric columns in the real table's quantile bins)."""
-    return table_codes(real, synthetic, names, bins)
+    release_json: Path
+    release_html: Path
+    evaluation_json: Path | None = None
+    evaluation_html: Path | None = None
 
 
-def marginal_plots(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, bins: MarginalBins) -> str:
-    import matplotlib
+def write_reports(directory: str | Path, synth: Any, real_train: pd.DataFrame | None, synthetic: pd.DataFrame,
+                  real_test: pd.DataFrame | None = None, target: str | None = None) -> ReportPaths:
+    """Write the shareable release and, with `real_train`, the data holder's evaluation under `directory`.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = schema.names
-    cols = 3
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.4 * rows), squeeze=False)
-    real_codes, syn_codes, sizes = _codes(real, synthetic, names, bins)
-    for j, (ax, name) in enumerate(zip(axes.flat, names)):
-        a, b, size = real_codes[:, j], syn_codes[:, j], int(sizes[j])
-        pa = np.bincount(a, minlength=size) / max(len(a), 1)
-        pb = np.bincount(b, minlength=size) / max(len(b), 1)
-        x = np.arange(size)
-        ax.bar(x - 0.2, pa, width=0.4, label="real", color="#4C72B0")
-        ax.bar(x + 0.2, pb, width=0.4, label="synthetic", color="#DD8452")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("per-column marginals (numeric columns in quantile bins of the real table)", fontsize=10)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def cramers_v_matrix(codes: np.ndarray) -> np.ndarray:
-    """Cramer's V of every pair of columns of integer codes [N, d], a symmetric [d, d] matrix."""
-    codes = [codes[:, j] for j in range(codes.shape[1])]
-    d = len(codes)
-    out = np.eye(d)
-    for i in range(d):
-        for j in range(i + 1, d):
-            a, b = codes[i], codes[j]
-            ka, kb = int(a.max(initial=0)) + 1, int(b.max(initial=0)) + 1
-            table = np.bincount(a * kb + b, minlength=ka * kb).reshape(ka, kb).astype(float)
-            table = table[table.sum(1) > 0][:, table.sum(0) > 0]
-            n = table.sum()
-            if n == 0 or min(table.shape) < 2:
-                v = 0.0
-            else:
-                expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / n
-                chi2 = ((table - expected) ** 2 / expected).sum()
-                v = math.sqrt(chi2 / (n * (min(table.shape) - 1)))
-            out[i, j] = out[j, i] = v
-    return out
-
-
-def association_plot(real: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema, bins: MarginalBins) -> tuple[str, float]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = schema.names
-    real_codes, syn_codes, _ = _codes(real, synthetic, names, bins)
-    diff = np.abs(cramers_v_matrix(real_codes) - cramers_v_matrix(syn_codes))
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(diff, vmin=0, vmax=max(0.3, float(diff.max())), cmap="magma_r")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title("|Cramer's V real - Cramer's V synthetic| per column pair", fontsize=10)
-    return _png(fig), float(diff[np.triu_indices(len(names), 1)].mean())
-
-
-def curve_plot(curve: list[dict[str, float]]) -> str | None:
-    if not curve:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot([c["step"] for c in curve], [c["eval_loss"] for c in curve], marker="o")
-    ax.set_xlabel("DP-SGD step")
-    ax.set_ylabel("held-out NLL per row (nats)")
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = None) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
-
-    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table>{head}{body}</table>"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_report(directory: str | Path, report: dict[str, Any], real: pd.DataFrame | None,
-                 synthetic: pd.DataFrame | None, schema: Schema) -> tuple[Path, Path]:
-    """Write `report.json` and `report.html` into `directory` (each atomically); returns their paths."""
+    Args:
+        synth: a fitted `Synthesizer` (or one from `Synthesizer.load`, whose evaluation then has no fit
+            diagnostics).
+        real_train: the real training rows, for the evaluation only; None writes the release alone.
+        synthetic: the synthetic table released with the report.
+        real_test: held-out real rows (reference figures, held-out NLL, ML efficacy with `target`).
+    Both reports are built before anything is written; each file is replaced atomically.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    images: dict[str, str] = {}
-    if real is not None and synthetic is not None:
-        bins = MarginalBins.fit(real, schema)
-        images["marginals"] = marginal_plots(real, synthetic, schema, bins)
-        images["associations"], mean_diff = association_plot(real, synthetic, schema, bins)
-        report.setdefault("utility", {})["mean_abs_cramers_v_difference"] = mean_diff
-    curve = report.get("training", {}).get("heldout_curve", [])
-    if (img := curve_plot(curve)) is not None:
-        images["curve"] = img
-    json_path, html_path = directory / "report.json", directory / "report.html"
-    _write_atomic(json_path, json.dumps(report, indent=1, default=float))
-    _write_atomic(html_path, render_html(report, images))
-    return json_path, html_path
+    release = release_report(synth, synthetic)
+    release_html = render_release(release, synthetic, synth.schema)
+    evaluation = evaluation_html = None
+    if real_train is not None:
+        evaluation = holder_evaluation(synth, real_train, synthetic, real_test, target)
+        evaluation_html = render_evaluation(evaluation, real_train, synthetic, synth.schema, real_test)
+
+    out = directory / RELEASE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"release_json": out / "report.json", "release_html": out / "report.html"}
+    write_atomic(paths["release_json"], _json(release), SHAREABLE_MODE)
+    write_atomic(paths["release_html"], release_html, SHAREABLE_MODE)
+    if evaluation is not None:
+        holder = directory / HOLDER_DIR
+        holder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths["evaluation_json"] = holder / "evaluation.json"
+        paths["evaluation_html"] = holder / "evaluation.html"
+        write_atomic(paths["evaluation_json"], _json(evaluation), HOLDER_MODE)
+        write_atomic(paths["evaluation_html"], evaluation_html, HOLDER_MODE)
+    return ReportPaths(**paths)
 
 
-def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
-    p = report["privacy"]
-    parts = ["<!doctype html><meta charset='utf-8'><title>tramontane synthetic data report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "font-size:13px}th{background:#f3f3f3}.warn{background:#fff3cd;padding:.6em;border:1px solid #e0c36a}"
-             "img{max-width:100%}</style>",
-             "<h1>Synthetic data report</h1>"]
-    parts.append("<h2>Privacy</h2>")
-    parts.append(_table([("target epsilon", p["target_epsilon"]), ("delta", p["delta"]),
-                         ("epsilon spent (RDP accountant)", p["epsilon_rdp"]),
-                         ("epsilon spent (PLD accountant)", p["epsilon_pld"]),
-                         *[(k.replace("_", " "), v) for k, v in p.get("dp_sgd", {}).items()]]))
-    parts.append("<h3>Privacy ledger</h3>")
-    parts.append(_table([(e.get("label", ""), e["type"], json.dumps({k: v for k, v in e.items()
-                                                                  if k not in ("label", "type")}))
-                         for e in p["ledger"]], ("label", "mechanism", "parameters")))
-    if "bounds" in report:
-        parts.append("<h3>What epsilon means here</h3>")
-        parts.append(_table([(k.replace("_", " "), v) for k, v in report["bounds"].items()]))
-    s = report["schema"]
-    parts.append("<h2>Schema</h2>")
-    if not s["private"]:
-        parts.append("<p class='warn'><b>Warning:</b> the schema was inferred from the private rows WITHOUT "
-                     "differential privacy. Category sets and numeric ranges may reveal individual rows.</p>")
-    parts.append(f"<p>{html.escape(s['source'])}; cost epsilon = {s['epsilon']:.4g}, delta = {s['delta']:.3g}.</p>")
-    parts.append(_table([(c["name"], c["kind"], c["values"]) for c in s["columns"]], ("column", "kind", "values")))
-    parts.append("<h2>Training</h2>")
-    parts.append(_table([(k.replace("_", " "), v) for k, v in report.get("training", {}).items()
-                         if not isinstance(v, (list, dict))]))
-    if "curve" in images:
-        parts.append(f"<img alt='learning curve' src='data:image/png;base64,{images['curve']}'>")
-    else:
-        parts.append("<p>No held-out table was given, so there is no learning curve (the training loss on "
-                     "private rows is not differentially private and is not recorded).</p>")
-    if "utility" in report:
-        u = report["utility"]
-        parts.append("<h2>Utility</h2>")
-        parts.append(f"<p class='warn'>{html.escape(NOT_DP_NOTE)}</p>")
-        rows = [(f"mean TVD of {k} marginals", v) for k, v in u.get("tvd", {}).items()]
-        rows += [(f"same, real test vs real train ({k})", v) for k, v in u.get("tvd_real_test_vs_train", {}).items()]
-        rows.append(("synthetic rows identical to a training row", u.get("exact_match_share")))
-        if "exact_match_share_real_test" in u:
-            rows.append(("same share for real test rows", u["exact_match_share_real_test"]))
-        if "heldout_nll_per_row" in u:
-            rows.append(("held-out NLL per row (nats)", u["heldout_nll_per_row"]["nll_per_row"]))
-        if "mean_abs_cramers_v_difference" in u:
-            rows.append(("mean |Cramer's V difference|", u["mean_abs_cramers_v_difference"]))
-        parts.append(_table(rows))
-        if "ml_efficacy" in u:
-            ml = u["ml_efficacy"]
-            parts.append(f"<h3>Train on synthetic, test on real (target {html.escape(ml['target'])})</h3>")
-            parts.append(_table([(m, src, sc["accuracy"], sc["roc_auc"]) for m, d in ml["scores"].items()
-                                 for src, sc in d.items()], ("model", "trained on", "accuracy", "ROC AUC")))
-        for key, title in (("marginals", "Marginals"), ("associations", "Pairwise associations")):
-            if key in images:
-                parts.append(f"<h3>{title}</h3><img alt='{key}' src='data:image/png;base64,{images[key]}'>")
-    return "\n".join(parts)
+RELEASE_JSON = f"report/{RELEASE_DIR}/report.json"
+RELEASE_HTML = f"report/{RELEASE_DIR}/report.html"
+EVALUATION_JSON = f"report/{HOLDER_DIR}/evaluation.json"
+EVALUATION_HTML = f"report/{HOLDER_DIR}/evaluation.html"
+
+_LEDGER_SOURCES = (synth_release.SCHEMA_LABEL, synth_release.ROW_COUNT_LABEL, synth_release.DPSGD_LABEL)
 
 
-def synthesizer_report(synth: Any, real_train: pd.DataFrame | None = None, synthetic: pd.DataFrame | None = None,
-                       real_test: pd.DataFrame | None = None, target: str | None = None) -> dict[str, Any]:
-    """The report dictionary of a fitted `Synthesizer` (utility only when the real and synthetic tables are
-    given; held-out NLL and ML efficacy only with a held-out test table)."""
-    from tramontane.report.utility import evaluate_synthetic
-
-    summary = asdict_or_none(synth.summary)
-    if summary is not None:
-        summary["max_grad_norm"] = synth.config.max_grad_norm
-    schema: Schema = synth.schema
-    inference = synth.schema_inference.to_dict() if synth.schema_inference else getattr(
-        synth, "_saved_schema_inference", None)
-    source = ("given by the user (public)" if inference is None else
-              "inferred from the data with differential privacy" if inference["private"] else
-              "inferred from the data WITHOUT differential privacy")
-    report: dict[str, Any] = {
-        "privacy": privacy_section(synth.ledger, synth.epsilon, synth.delta, summary),
-        "schema": {"source": source, "private": inference is None or inference["private"],
-                   "epsilon": inference["epsilon"] if inference else 0.0,
-                   "delta": inference["delta"] if inference else 0.0,
-                   "columns": [{"name": c.name, "kind": c.kind, "values": c.n_values} for c in schema.columns]},
-        "training": {} if summary is None else {
-            "rows": summary["rows"], "rows_dropped_by_schema": summary["rows_dropped_by_schema"],
-            "steps": summary["steps"], "expected_batch_size": summary["batch_size"],
-            "seconds": summary["seconds"], "model_parameters": synth.model.args.num_parameters(),
-            "heldout_curve": summary["eval_curve"]},
-    }
-    if len(synth.ledger):
-        from tramontane.audit.card import privacy_card
-
-        # What the ledger's epsilon means: membership-inference advantage, confidence and per-column
-        # reconstruction bounds (all functions of the ledger alone, so they may be released).
-        report["bounds"] = privacy_card(synth.ledger, synth.delta, schema)
-    if real_train is not None and synthetic is not None:
-        test_ll = synth.log_likelihood(real_test) if real_test is not None else None
-        report["utility"] = evaluate_synthetic(real_train, synthetic, schema, real_test, target, test_ll)
-        report["utility"]["note"] = NOT_DP_NOTE
-    return report
+def _as_released(artifact: str, field: Any, opaque: tuple[str, ...] = ()) -> list[synth_release.ReleasedField]:
+    """A report `Field` in the manifest's terms: DP fields name the ledger events they may come from."""
+    if field.status in ("public", "holder-only"):
+        status, source = (synth_release.PUBLIC if field.status == "public" else synth_release.HOLDER), ()
+    elif field.status == "schema":  # DP when inferred; a given schema is public (identical across neighbours)
+        status, source = synth_release.DP, (synth_release.SCHEMA_LABEL,)
+    elif field.source == "DP count":
+        status, source = synth_release.DP, (synth_release.ROW_COUNT_LABEL,)
+    else:  # the ledger, bounds from it, the synthetic table: any of the run's mechanisms
+        status, source = synth_release.DP, _LEDGER_SOURCES
+    paths = [field.path] + ([field.path + ".*"] if field.path in opaque else [])
+    return [synth_release.ReleasedField(artifact, path, status, source, field.meaning) for path in paths]
 
 
-def asdict_or_none(obj: Any) -> dict[str, Any] | None:
-    from dataclasses import asdict, is_dataclass
+def manifest() -> tuple[synth_release.ReleasedField, ...]:
+    """Every field a synthesizer run writes: the model directory, the synthetic CSV and the terminal
+    (`tramontane.synth.synth_release.MANIFEST`) and both reports (`RELEASE_FIELDS`, `EVALUATION_FIELDS`), under
+    the artifact names of a `--report report` folder."""
+    out = list(synth_release.MANIFEST)
+    for field in RELEASE_FIELDS:
+        out += _as_released(RELEASE_JSON, field, OPAQUE)
+    for field in EVALUATION_FIELDS:
+        out += _as_released(EVALUATION_JSON, field)
+    out.append(synth_release.ReleasedField(RELEASE_HTML, "", synth_release.DP, _LEDGER_SOURCES,
+                                     "the release's JSON and the synthetic table's plots, as a page"))
+    out.append(synth_release.ReleasedField(EVALUATION_HTML, "", synth_release.HOLDER, (),
+                                     "the evaluation's JSON and real-vs-synthetic plots, as a page"))
+    return tuple(out)
 
-    return asdict(obj) if is_dataclass(obj) else None
+
+def _json(data: Any) -> str:
+    return json.dumps(_plain(data), indent=1, allow_nan=False) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able: numpy scalars as Python numbers, NaN and infinities as null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -21,12 +21,13 @@ def evaluate_synthetic(real_train: pd.DataFrame, synthetic: pd.DataFrame, schema
     the data owner's evaluation, not for release alongside the synthetic data.
     """
     bins = MarginalBins.fit(real_train, schema)
-    tvd = marginal_tvd(real_train, synthetic, schema=schema, bins=bins)
+    orders = tuple(range(1, min(3, len(schema.columns)) + 1))  # 1-, 2-, 3-way, as far as columns allow
+    tvd = marginal_tvd(real_train, synthetic, schema=schema, bins=bins, orders=orders)
     out: dict[str, Any] = {"rows_real": len(real_train), "rows_synthetic": len(synthetic),
                            "tvd": {f"{k}-way": v for k, v in tvd.mean.items()},
                            "exact_match_share": exact_match_rate(synthetic, real_train, schema)}
     if real_test is not None:
-        test_tvd = marginal_tvd(real_train, real_test, schema=schema, bins=bins)
+        test_tvd = marginal_tvd(real_train, real_test, schema=schema, bins=bins, orders=orders)
         out["tvd_real_test_vs_train"] = {f"{k}-way": v for k, v in test_tvd.mean.items()}
         out["exact_match_share_real_test"] = exact_match_rate(real_test, real_train, schema)
         if target is not None:

@@ -13,9 +13,11 @@ Privacy unit: one row of the training table; neighbouring tables differ by addin
 The number of rows N is therefore private: it is released only as a DP count (ledger event "row count"),
 which sets the sampling rate, the expected batch and the default number of synthetic rows.
 
-`MANIFEST` is checked against real outputs by `tests/integration/test_release.py`: a field missing from it,
-a `PUBLIC` field that differs between neighbouring tables, or a `DP` field whose ledger event is absent
-fails the suite.
+The reports register their JSON keys beside their code (`tramontane.report.release.RELEASE_FIELDS`,
+`tramontane.report.evaluation.EVALUATION_FIELDS`); `tramontane.report.privacy_report.manifest()` is the
+whole list, this module's entries and theirs. It is checked against real outputs by
+`tests/integration/test_release.py`: a field missing from it, a `PUBLIC` field that differs between
+neighbouring tables, or a `DP` field whose ledger event is absent fails the suite.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
         "summary.epsilon_rdp": "the ledger's epsilon (RDP)", "summary.epsilon_pld": "the ledger's epsilon (PLD)",
     }),
     *_fields(MODEL_STATE, DP, _SCHEMA, {
-        "summary.schema_notes": "what DP schema inference fell back on",
+        "summary.schema_notes[]": "what DP schema inference fell back on",
         # shares of the budget; how delta is split follows the column kinds, which are decided with DP
         "ledger.events[].epsilon": "epsilon of a schema-inference step", "ledger.events[].delta": "its delta",
         "summary.schema_epsilon": "epsilon spent on the schema", "summary.schema_delta": "delta spent on it",
@@ -114,7 +116,7 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
     # -- the terminal: the data holder's ----------------------------------------------------------------------
     *_fields(STDERR, PUBLIC, (), {
         "training a DP synthesizer at epsilon=*": "what is being run (inputs)",
-        "saved the synthesizer *": "where the model went", "report: *": "where the reports went",
+        "saved the synthesizer *": "where the model went",
         "release (shareable): *": "where the shareable report went",
         "evaluation (data holder only*": "where the holder's evaluation went",
     }),
@@ -130,21 +132,25 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
 ])
 
 
-def lookup(artifact: str, path: str) -> ReleasedField | None:
-    """The manifest entry of one field, or None if the field is not accounted for."""
-    for entry in MANIFEST:
-        if entry.artifact == artifact and fnmatch.fnmatchcase(path, entry.path):
+def lookup(artifact: str, path: str, manifest: tuple[ReleasedField, ...] | None = None) -> ReleasedField | None:
+    """The entry of one field in `manifest` (default `MANIFEST`), or None if it is not accounted for."""
+    for entry in MANIFEST if manifest is None else manifest:
+        # `[]` marks list items, not a character class: only `*` is a wildcard
+        if entry.artifact == artifact and fnmatch.fnmatchcase(path, entry.path.replace("[", "[[]")):
             return entry
     return None
 
 
-def json_paths(value: Any, prefix: str = "") -> Iterator[str]:
-    """Dotted key paths of the leaves of a JSON value (lists as `[]`; an empty container is a leaf)."""
+def json_fields(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key path, value) of every leaf of a JSON value; list items as `key[]`, an empty list as a
+    `key[]` leaf holding [] (so its path is the same whether or not it has items)."""
     if isinstance(value, dict) and value:
         for key, item in value.items():
-            yield from json_paths(item, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, list) and value:
+            yield from json_fields(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list):
+        if not value:
+            yield f"{prefix}[]", value
         for item in value:
-            yield from json_paths(item, f"{prefix}[]")
+            yield from json_fields(item, f"{prefix}[]")
     else:
-        yield prefix
+        yield prefix, value

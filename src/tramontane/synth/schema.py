@@ -20,14 +20,19 @@ Value ids: each column's values are numbered 0..n_values-1 (categories or bins i
 `Schema.value_ids` maps a frame to these ids and `Schema.frame_from_value_ids` maps them back; the token
 codec (`codec.py`) and the metrics build on them.
 
-Rows are private: errors name columns and at most a few offending values, never whole rows, and nothing
-here logs data.
+Numbers are read from each entry's value, never from the dtype pandas guessed (`parse_numbers`): a column
+read as text ("42", " 3.5") is as numeric as an int64 one, and one odd row cannot change how the others read.
+
+Rows are private: errors name the column and the rule it breaks (and the fix), never a value from the rows
+nor an exact count. `Schema.problems(df, show_values=True)` adds a few examples and their number, for the
+data holder debugging their own table. Nothing here logs data.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,11 +245,11 @@ class ColumnSpec:
             ids = pd.Index(list(self.categories), dtype=object).get_indexer(series).astype(np.int64)
         else:
             x = _as_numbers(series)
-            if x is None and not clip:  # non-numeric dtype: every non-missing entry is invalid
+            if x is None and not clip:  # some entry is not a number: every present entry is invalid
                 ids = np.full(len(series), -1, dtype=np.int64)
             else:
-                if x is None:  # clip: entries that do not parse as numbers stay invalid (-1)
-                    x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                if x is None:  # clip: entries that are not numbers stay invalid (-1)
+                    x = parse_numbers(series)[0]
                 ok = ~np.isnan(x)
                 if clip:
                     x = np.clip(np.round(x) if self.kind == "integer" else x, self.lo, self.hi)
@@ -304,16 +309,68 @@ class ColumnSpec:
         return cls(name, kind)  # raises the kind error
 
 
-def _as_numbers(series: pd.Series) -> np.ndarray | None:
-    """float64 view of a numeric column (NaN for missing), or None if the column is not numeric."""
-    if pd.api.types.is_bool_dtype(series.dtype) or not pd.api.types.is_numeric_dtype(series.dtype):
-        if series.dtype == object:
-            converted = pd.to_numeric(series, errors="coerce")
-            parsed_all = bool((converted.isna() == series.isna()).all())
-            if parsed_all and not any(isinstance(v, bool) for v in series):
-                return converted.to_numpy(dtype=np.float64, na_value=np.nan)
+def _parse_value(value: Any) -> float | None:
+    """None for a missing entry; the entry's number (+-inf included); NaN when it is not a number."""
+    if value is None or value is pd.NA or value is pd.NaT:
         return None
-    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    if isinstance(value, (bool, np.bool_)):  # True is an int to Python, never a number here
+        return math.nan
+    if isinstance(value, numbers.Integral):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.nan
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        return None if math.isnan(x) else x
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if "_" in text:  # Python's float() reads "1_000"; CSV readers and pandas do not
+            return math.nan
+        try:
+            return float(text)  # "nan" reads as NaN: text that is not a number
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def _parsed(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    parsed = [_parse_value(v) for v in values]
+    missing = np.fromiter((p is None for p in parsed), dtype=bool, count=len(parsed))
+    x = np.fromiter((math.nan if p is None else p for p in parsed), dtype=np.float64, count=len(parsed))
+    return x, missing
+
+
+def parse_numbers(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each entry's number, read from its value and never from the column's dtype: (x [N], missing [N]).
+
+    missing: NaN, None, pd.NA/NaT or a blank string. x (float64): the number an entry holds (an int, a
+    float, or text that reads as one: "42", " 3.5", "1e3", "inf"), NaN where the entry is missing or not a
+    number (other text, booleans, other objects). Row by row: no entry changes how another one reads.
+    """
+    dtype = series.dtype
+    if pd.api.types.is_bool_dtype(dtype):
+        return np.full(len(series), np.nan), series.isna().to_numpy()
+    if pd.api.types.is_numeric_dtype(dtype):
+        x = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        return x, np.isnan(x)
+    if isinstance(dtype, pd.CategoricalDtype) or (pd.api.types.is_string_dtype(dtype) and dtype != object):
+        # Parse each distinct value once. Not for object columns: factorize takes True, 1 and 1.0 as one.
+        codes, uniques = pd.factorize(series, use_na_sentinel=True)
+        ux, umissing = _parsed(list(uniques))
+        ux, umissing = np.append(ux, np.nan), np.append(umissing, True)  # code -1 (NA) -> the last slot
+        return ux[codes], umissing[codes]
+    return _parsed(series.to_numpy(dtype=object))
+
+
+def _as_numbers(series: pd.Series) -> np.ndarray | None:
+    """float64 numbers of a numeric column (NaN for missing), or None if a present entry is not a number."""
+    x, missing = parse_numbers(series)
+    if (np.isnan(x) & ~missing).any():
+        return None
+    return x
 
 
 @dataclass(frozen=True)
@@ -386,29 +443,34 @@ class Schema:
             problems.append(f"the data has repeated column name(s) {dupes}: rename or drop them")
         if unknown:
             problems.append(
-                f"the data has column(s) {unknown} that the schema does not describe: drop them "
-                f"(df.drop(columns={unknown!r})) or add them to the schema"
+                f"the data has column(s) {unknown} that the schema does not describe: drop them from the "
+                "data or add them to the schema"
             )
         if absent:
             problems.append(
-                f"the schema's column(s) {absent} are missing from the data: add them, or use "
-                f"schema.select([...]) for a schema without them"
+                f"the schema's column(s) {absent} are missing from the data: add them to the data, or "
+                "remove them from the schema"
             )
         if problems:
             raise SchemaError("the data's columns do not match the schema:\n  - " + "\n  - ".join(problems))
 
-    def problems(self, df: pd.DataFrame) -> list[str]:
-        """Every mismatch between `df`'s values and the schema, one message per column problem."""
+    def problems(self, df: pd.DataFrame, *, show_values: bool = False) -> list[str]:
+        """Every mismatch between `df`'s values and the schema, one message per column and rule broken.
+
+        Messages name the column, the rule and the fix, never a value from the rows nor an exact count (they
+        end up in logs and tracebacks). `show_values=True` adds the number of offending distinct values and
+        a few of them: a debug listing for the data holder's own table, not for anything shared.
+        """
         self.check_columns(df)
         out = []
         for spec in self.columns:
-            out.extend(_column_problems(spec, df[spec.name]))
+            out.extend(_column_problems(spec, df[spec.name], show_values))
         return out
 
-    def validate(self, df: pd.DataFrame) -> None:
-        """Raise `SchemaError` naming every column whose values fall outside the schema (a few examples
-        each, never whole rows); return None when `df` fits."""
-        problems = self.problems(df)
+    def validate(self, df: pd.DataFrame, *, show_values: bool = False) -> None:
+        """Raise `SchemaError` naming every column whose values fall outside the schema, with the rule
+        broken and its fix (`problems`; no values unless `show_values`); return None when `df` fits."""
+        problems = self.problems(df, show_values=show_values)
         if problems:
             raise SchemaError("the data does not match the schema:\n  - " + "\n  - ".join(problems))
 
@@ -427,9 +489,7 @@ class Schema:
             s = df[spec.name]
             keep &= spec.value_index(s, clip=True) >= 0
             if spec.is_numeric:
-                x = _as_numbers(s)
-                if x is None:
-                    x = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                x = parse_numbers(s)[0]  # the rows of entries that are not numbers are dropped above
                 x = np.clip(np.round(x) if spec.kind == "integer" else x, spec.lo, spec.hi)
                 out[spec.name] = x
             else:
@@ -548,45 +608,51 @@ def _yaml() -> Any:
     return yaml
 
 
-def _column_problems(spec: ColumnSpec, s: pd.Series) -> list[str]:
+def _column_problems(spec: ColumnSpec, s: pd.Series, show_values: bool = False) -> list[str]:
+    """The rules `s` breaks, each with its fix. Only with `show_values` a message quotes values from the
+    rows or counts them (`Schema.problems`)."""
     where = f"column {spec.name!r}"
+
+    def examples(values: Sequence[Any], count: int | None = None) -> str:
+        n = len(values) if count is None else count
+        return f" ({n} distinct value(s), e.g. {_show(values)})" if show_values else ""
+
     out = []
     isna = s.isna().to_numpy()
     if isna.any() and not spec.missing:
-        out.append(f"{where} has missing values (NaN) but the schema says missing=false. Fix: set "
-                   "missing=true for the column, or drop/fill those rows (schema.conform(df) drops them)")
+        out.append(f"{where} has missing values but the schema says missing: false. Fix: set missing: true "
+                   "for the column in the schema, or drop the rows where it is missing")
     present = s[~isna]
     if spec.kind == "categorical":
         bad = present[spec.value_index(present) < 0]
         if len(bad):
             distinct = pd.unique(bad)
-            msg = (f"{where}: {len(distinct)} distinct value(s) not among the schema's categories, e.g. "
-                   f"{_show(distinct)}. Fix: add them to the column's categories, or call schema.conform(df) "
-                   "to drop the rows that hold them")
+            msg = (f"{where} holds values that are not among the schema's categories{examples(distinct)}. "
+                   "Fix: add them to the column's categories in the schema, or drop the rows that hold them")
             as_text = {str(c) for c in spec.categories}
             if all(str(_python_scalar(v)) in as_text for v in distinct[:_MAX_EXAMPLES]):
-                msg += f" (types differ: the schema holds {type(spec.categories[0]).__name__} categories; " \
-                       "convert the column to that type)"
+                held = type(spec.categories[0]).__name__
+                msg += (f" (types differ: the schema holds {held} categories and the data does not; make "
+                        "the two agree, e.g. write the categories as text)")
             out.append(msg)
         return out
-    x = _as_numbers(present)
-    if x is None:
-        coerced = pd.to_numeric(present, errors="coerce")
-        bad = pd.unique(present[coerced.isna().to_numpy()])
-        out.append(f"{where} is {spec.kind} in the schema but holds non-numeric values, e.g. {_show(bad)} "
-                   f"(dtype {s.dtype}). Fix: convert it with pd.to_numeric, or declare the column "
-                   "categorical")
-        return out
+    x, _ = parse_numbers(present)
+    not_numbers = np.isnan(x)
+    if not_numbers.any():
+        dtype = f" (dtype {s.dtype})" if show_values else ""
+        out.append(f"{where} is {spec.kind} in the schema but holds entries that are not numbers"
+                   f"{examples(pd.unique(present[not_numbers]))}{dtype}. Fix: declare the column categorical "
+                   "in the schema, or drop the rows that hold them (an empty field is a missing value)")
+    x = x[~not_numbers]
     outside = np.unique(x[(x < spec.lo) | (x > spec.hi)])
     if len(outside):
         # The most extreme values first: they tell how far the range is off.
-        ends = sorted({outside[0], outside[-1]}) if len(outside) > 1 else list(outside)
-        out.append(f"{where}: {len(outside)} distinct value(s) outside the schema range "
-                   f"[{spec.lo}, {spec.hi}], e.g. {_show(ends)}. Fix: widen lo/hi, or call "
-                   "schema.conform(df) to clip them into range")
+        shown = examples(outside[[0, -1]] if len(outside) > 1 else outside, len(outside))
+        out.append(f"{where} holds numbers outside the schema range [{spec.lo}, {spec.hi}]{shown}. "
+                   "Fix: widen lo/hi in the schema, or clip the numbers into the range")
     if spec.kind == "integer":
-        frac = np.unique(x[x != np.round(x)])
+        frac = np.unique(x[np.isfinite(x) & (x != np.round(x))])
         if len(frac):
-            out.append(f"{where} is integer in the schema but holds non-integer values, e.g. {_show(frac)}. "
-                       "Fix: round them (schema.conform(df) does), or declare the column float")
+            out.append(f"{where} is integer in the schema but holds numbers that are not integers"
+                       f"{examples(frac)}. Fix: round them, or declare the column float in the schema")
     return out

@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch import nn
 
 from tramontane import accounting
 from tramontane.accounting import EpsilonDeltaEvent, GaussianEvent, PrivacyLedger
-from tramontane.dp.noise import SecureRandom
+from tramontane.dp.noise import SecureRandom, derive_seed
 from tramontane.errors import ConfigError, DataError, PrivacyError, PrivacyParameterError, SchemaError
 from tramontane.models import ModelArgs, Transformer
 from tramontane.models.checkpoint import load_model, save_model
@@ -278,7 +277,7 @@ class Synthesizer:
 
     def _count_rows(self, n: int) -> int:
         sigma = self.config.row_count_noise
-        seed = None if self.noise_seed is None else _derived_seed(self.noise_seed, "row count")
+        seed = None if self.noise_seed is None else derive_seed(self.noise_seed, "row count")
         self.ledger.append(GaussianEvent(sigma, 1, label="row count"))
         return dp_row_count(n, sigma, seed)
 
@@ -484,12 +483,6 @@ def dp_row_count(n: int, noise_std: float, seed: int | None = None) -> int:
     noise = SecureRandom(seed, "the row count's noise").normal(torch.Size([1]), noise_std, torch.device("cpu"),
                                                                torch.float64)
     return max(1, int(round(n + float(noise[0]))))
-
-
-def _derived_seed(seed: int, purpose: str) -> int:
-    """A reproducible seed for one purpose, independent of the seeds derived for others."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(1, np.uint64)[0]
-               % 2**63)
 
 
 def _init_weights(model: Transformer) -> None:

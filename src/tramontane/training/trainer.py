@@ -2,9 +2,17 @@
 
 DP-SGD steps follow Abadi et al. (2016) with the accounting of Mironov et al. (2019): every step samples a
 Poisson batch at rate q = batch_size / N, clips each example's gradient (`tramontane.dp.DPEngine`), adds
-Gaussian noise of std sigma * C, divides by q N, and takes an AdamW step. Each step is appended to the
-privacy ledger *after* it is applied; checkpoints save weights and ledger together, so a resumed run
-continues the ledger exactly.
+Gaussian noise of std sigma * C, divides by q N, and takes an AdamW step. When N itself is private (a
+synthesizer knows only a noisy row count), `TrainConfig.sample_rate` gives q publicly and the noisy sum is
+divided by the public `batch_size` instead, so that nothing released depends on the exact N. Each step is
+appended to the privacy ledger *after* it is applied; checkpoints save weights and ledger together, so a
+resumed run continues the ledger exactly.
+
+Resuming from `run_dir` continues the caller's ledger object with the checkpoint's events, provided the
+caller's events are where the checkpoint's begin (e.g. the ledger the run started with); any other ledger is
+refused (`ConfigError`), since a resume must never drop spending. With `noise_seed`, sampling and noise
+draw independent streams derived from it, and a resumed run draws what the uninterrupted run would have
+drawn at the same steps (`tramontane.dp.noise`), never a replay of its first steps.
 
 Budget: with `target_epsilon`, the run refuses to start (`PrivacyBudgetError`, nothing spent) when the
 planned steps would exceed it given what the ledger already holds, and it can never take a step past it.
@@ -18,7 +26,6 @@ display only: it is not differentially private, so it is never stored.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +35,7 @@ import torch
 from torch import nn
 
 from tramontane import accounting
-from tramontane.accounting import DpSgdEvent, PrivacyLedger
+from tramontane.accounting import DpSgdEvent, PrivacyEvent, PrivacyLedger
 from tramontane.dp import DPEngine, PoissonSampler, micro_batches
 from tramontane.errors import ConfigError, PrivacyBudgetError
 from tramontane.training.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -52,7 +59,8 @@ class TrainConfig:
     """Hyper-parameters of one run (privacy vocabulary as in Opacus)."""
 
     steps: int
-    batch_size: int  # DP: expected batch size q N of Poisson sampling; non-private: fixed batch size
+    batch_size: int  # DP: expected batch size q N of Poisson sampling, the divisor of the noisy sum;
+    # non-private: fixed batch size
     lr: float = 1e-3
     warmup_steps: int = 0
     final_lr_fraction: float = 0.1  # linear decay to lr * this after warm-up
@@ -66,6 +74,8 @@ class TrainConfig:
     delta: float | None = None
     accountant: str = "rdp"
     noise_seed: int | None = None  # None: noise and sampling from the OS CSPRNG (secure)
+    # DP: a public q; the noisy sum is then divided by batch_size, not q N (N unused: it may be private)
+    sample_rate: float | None = None
     data_seed: int | None = None  # order of non-private batches
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end) when a run_dir is given
     eval_every: int = 0
@@ -86,6 +96,12 @@ class TrainConfig:
                 raise ConfigError(f"a private run needs delta in (0, 1), got {self.delta}")
             if self.noise_multiplier is None and self.target_epsilon is None:
                 raise ConfigError("a private run needs noise_multiplier, target_epsilon, or both")
+            if self.sample_rate is not None and not (isinstance(self.sample_rate, (int, float))
+                                                     and 0 < self.sample_rate <= 1):
+                raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        elif self.sample_rate is not None:
+            raise ConfigError("sample_rate is the Poisson rate of a private run; a non-private run takes "
+                              "batches of batch_size: leave sample_rate=None")
 
 
 @dataclass
@@ -113,6 +129,24 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def _continuation(prefix: Sequence[PrivacyEvent], full: Sequence[PrivacyEvent]) -> list[PrivacyEvent] | None:
+    """The events that extend ledger `prefix` to ledger `full` (both merged), or None if `full` does not
+    begin with `prefix`. The last DP-SGD event of `prefix` may hold only some of its counterpart's steps."""
+    if not prefix:
+        return list(full)
+    if len(prefix) > len(full) or list(prefix[:-1]) != list(full[:len(prefix) - 1]):
+        return None
+    if prefix[-1] == full[len(prefix) - 1]:
+        return list(full[len(prefix):])
+    last, ref = prefix[-1], full[len(prefix) - 1]
+    if (isinstance(last, DpSgdEvent) and isinstance(ref, DpSgdEvent) and last.steps <= ref.steps
+            and (last.sample_rate, last.noise_multiplier, last.label)
+            == (ref.sample_rate, ref.noise_multiplier, ref.label)):
+        return [DpSgdEvent(ref.sample_rate, ref.noise_multiplier, ref.steps - last.steps, ref.label),
+                *full[len(prefix):]]
+    return None
+
+
 class Trainer:
     """Train `model` on `objective` over `num_examples` examples; resumable from `run_dir`."""
 
@@ -134,7 +168,13 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if self.run_dir is not None and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self._resume(ckpt)
-        self.sample_rate = min(1.0, config.batch_size / num_examples) if config.private else None
+        self.sample_rate: float | None = None
+        self.expected_batch_size: float | None = None  # what the noisy clipped sum is divided by
+        if config.private and config.sample_rate is not None:
+            self.sample_rate, self.expected_batch_size = float(config.sample_rate), float(config.batch_size)
+        elif config.private:
+            self.sample_rate = min(1.0, config.batch_size / num_examples)
+            self.expected_batch_size = self.sample_rate * num_examples
         self.noise_multiplier = self._noise_multiplier() if config.private else None
         self._check_budget()
 
@@ -177,7 +217,8 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, self.model, self.optimizer)
         saved = state.config
-        for key in ("private", "batch_size", "max_grad_norm", "delta", "target_epsilon", "label"):
+        for key in ("private", "batch_size", "sample_rate", "max_grad_norm", "delta", "target_epsilon",
+                    "label"):
             if saved.get(key) != getattr(self.config, key):
                 raise ConfigError(f"cannot resume {path}: it was trained with {key}={saved.get(key)!r}, this run "
                                   f"asks for {getattr(self.config, key)!r}")
@@ -185,13 +226,33 @@ class Trainer:
             raise ConfigError(f"cannot resume {path}: it was trained on {saved.get('num_examples')} examples, "
                               f"this run has {self.num_examples}")
         self._saved_config = saved
-        self.step, self.ledger, self.history = state.step, state.ledger, state.history
+        self._continue_ledger(state.ledger, path)
+        self.step, self.history = state.step, state.history
         self.scheduler.last_epoch = state.step
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-            group["lr"] = lr
+        factor = _lr_lambda(self.config)(state.step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
         if state.rng_state is not None:
             torch.set_rng_state(state.rng_state)
         logger.info("resumed %s at step %d", path, self.step)
+
+    def _continue_ledger(self, saved: PrivacyLedger, path: Path) -> None:
+        """Extend the caller's ledger (in place: whoever holds it sees every step) to the checkpoint's.
+
+        Sound only when the caller's events are where the checkpoint's begin: the run started from that
+        ledger. Anything else (events the checkpoint lacks, spent elsewhere or after it was written) is
+        refused, as neither replacing nor keeping either ledger would be guaranteed to count every spend."""
+        mine, theirs = PrivacyLedger(self.ledger.events).events, PrivacyLedger(saved.events).events  # merged
+        rest = _continuation(mine, theirs)
+        if rest is None:
+            raise ConfigError(
+                f"cannot resume {path}: its privacy ledger does not begin with the {len(mine)} event(s) of "
+                "the ledger passed in, which therefore holds spending the checkpoint lacks (spent elsewhere, "
+                "or after the checkpoint was written); a resume never drops events. Resume with the ledger "
+                "this run started with (ledger=None if it started with none), or start a new run_dir with "
+                f"the ledger you hold. Checkpoint ledger: {list(theirs)}; ledger passed in: {list(mine)}")
+        for event in rest:
+            self.ledger.append(event)
 
     def save(self) -> Path | None:
         if self.run_dir is None:
@@ -201,7 +262,10 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def _private_batches(self, steps: int):
-        sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=steps, seed=self.config.noise_seed)
+        # The seed reaches sampler and engine alike: each derives its own stream from it (purpose-labelled),
+        # from this run's step index on, so a resumed run continues both streams.
+        sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=steps,
+                                 seed=self.config.noise_seed, first_step=self.step)
         yield from sampler
 
     def _plain_batches(self, steps: int):
@@ -225,7 +289,7 @@ class Trainer:
                 losses = self.objective.losses(self.model, batch)
                 engine.backward(losses)
             total, rows = total + float(losses.detach().sum()), rows + losses.shape[0]
-        engine.add_noise_and_set_grads(expected_batch_size=self.sample_rate * self.num_examples)
+        engine.add_noise_and_set_grads(expected_batch_size=self.expected_batch_size)
         return total / max(rows, 1)
 
     def _plain_step(self, indices: list[int]) -> float:
@@ -244,7 +308,7 @@ class Trainer:
         engine = None
         if c.private:
             engine = DPEngine(self.model, max_grad_norm=c.max_grad_norm, noise_multiplier=self.noise_multiplier,
-                              seed=c.noise_seed)
+                              seed=c.noise_seed, first_step=self.step)
             batches = self._private_batches(remaining)
         else:
             batches = self._plain_batches(remaining)
