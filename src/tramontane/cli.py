@@ -28,6 +28,31 @@ def _stderr():
 
 # -- model commands ----------------------------------------------------------------------------------------
 
+# The loaders' hints name Python calls; on the command line the same fix is a file in the --model folder or
+# another command. Keyed by the library's exact words: the model-command tests fail if they drift.
+_COMMAND_LINE_HINTS = (
+    ("pass format='consolidated' or format='hf' to choose",
+     "keep only the one to use in the --model folder"),
+    ("pass the one to use to Tokenizer.from_file", "keep only the one to use in the --model folder"),
+    ("use Tokenizer.from_model_dir() or pass the file", "move it out of the --model folder"),
+    ("(load text models with tramontane.models.checkpoint.load_model)",
+     "(for a text model use `tramontane generate` or `tramontane chat`)"),
+    ("a text-only checkpoint, load it with tramontane.models.checkpoint.load_model",
+     "a text-only checkpoint; chat with it without --image"),
+    ("use a multimodal tokenizer, e.g. Tokenizer.builtin('v3-tekken-mm') or a Pixtral tekken.json",
+     "put the checkpoint's multimodal tokenizer file (e.g. Pixtral's tekken.json) in the --model folder"),
+)
+
+
+def _command_line_hint(err: TramontaneError) -> TramontaneError:
+    """`err` with its hint reworded for the command line (same exception, same traceback)."""
+    message = str(err)
+    for call, fix in _COMMAND_LINE_HINTS:
+        message = message.replace(call, fix)
+    err.args = (message,)
+    return err
+
+
 def _load_model_and_tokenizer(model_dir: str, dtype: str | None):
     import torch
 
@@ -35,8 +60,11 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None):
     from tramontane.tokenizer import Tokenizer
 
     start = time.perf_counter()
-    model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
-    tokenizer = Tokenizer.from_model_dir(model_dir)
+    try:
+        model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+        tokenizer = Tokenizer.from_model_dir(model_dir)
+    except TramontaneError as err:
+        raise _command_line_hint(err)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise TramontaneError(
             f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "
@@ -48,8 +76,13 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None):
 
 
 def _sampling(args: argparse.Namespace, logprobs: bool = False):
-    from tramontane.generation import SamplingParams
+    """The sampling options as `SamplingParams`, a bad one named by its option. Every model command calls
+    this before loading anything: a mistyped option must not wait minutes for a real checkpoint."""
+    from tramontane.generation import SamplingParams, sampling_problems
 
+    problems = sampling_problems(args.max_tokens, args.temperature, args.top_p)
+    if problems:
+        raise TramontaneError("; ".join(f"--{name.replace('_', '-')} {rule}" for name, rule in problems.items()))
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, logprobs=logprobs)
 
@@ -57,14 +90,16 @@ def _sampling(args: argparse.Namespace, logprobs: bool = False):
 def cmd_generate(args: argparse.Namespace) -> int:
     from tramontane.generation import generate
 
+    params = _sampling(args, logprobs=args.json)  # every option before the model
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise TramontaneError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = tokenizer.encode(args.prompt, bos=True)
     start = time.perf_counter()
-    completion = generate(model, [prompt], _sampling(args, logprobs=args.json), eos_id=tokenizer.eos_id,
-                          chunk_size=args.chunk_size)[0]
+    completion = generate(model, [prompt], params, eos_id=tokenizer.eos_id, chunk_size=args.chunk_size)[0]
     elapsed = time.perf_counter() - start
     text = tokenizer.decode(completion.tokens)
     _stderr().print(f"{len(prompt)} prompt tokens, {len(completion.tokens)} generated in {elapsed:.2f} s "
@@ -98,8 +133,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         from tramontane.models.vision import generate_with_images, load_image
 
-        model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype)
+    options = _sampling(args)  # every option and image before the model
+    if args.image:
         pictures = [load_image(path) for path in args.image]
+        try:
+            model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype)
+        except TramontaneError as err:
+            raise _command_line_hint(err)
     else:
         model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
     messages: list[Any] = []
@@ -119,9 +159,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append(UserMessage(content=[ImageChunk(image=p) for p in pictures] + [TextChunk(text=text)]))
         else:
             messages.append({"role": "user", "content": text})
-        params = _sampling(args)
-        if params.seed is not None:  # a new but reproducible draw each turn
-            params.seed += turn
+        params = options
+        if options.seed is not None:  # a new but reproducible draw each turn
+            params = dataclasses.replace(options, seed=options.seed + turn)
         if args.image:  # images: the whole reply at once (prefill reads the spliced image features)
             import numpy as np
             import torch
@@ -155,13 +195,26 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from tramontane.models.audio import load_audio, load_voxtral, transcribe
     from tramontane.tokenizer import Tokenizer
 
-    start = time.perf_counter()
-    model = load_voxtral(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    tokenizer = Tokenizer.from_model_dir(args.model)
+    params = _sampling(args)  # every option and the audio before the model
+    if args.language is not None:
+        from mistral_common.protocol.transcription.request import TranscriptionRequest
+        from pydantic import TypeAdapter, ValidationError
+
+        try:  # mistral_common's own rule for the request's language
+            TypeAdapter(TranscriptionRequest.model_fields["language"].annotation).validate_python(args.language)
+        except ValidationError:
+            raise TramontaneError(f"--language must be an ISO 639-1 code such as en or fr, got "
+                                  f"{args.language!r}") from None
     audio = load_audio(args.audio)
+    start = time.perf_counter()
+    try:
+        model = load_voxtral(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        tokenizer = Tokenizer.from_model_dir(args.model)
+    except TramontaneError as err:
+        raise _command_line_hint(err)
     _stderr().print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s; "
                     f"{len(audio.audio_array) / audio.sampling_rate:.1f} s of audio")
-    print(transcribe(model, tokenizer, audio, language=args.language, params=_sampling(args)))
+    print(transcribe(model, tokenizer, audio, language=args.language, params=params))
     return 0
 
 
@@ -417,6 +470,15 @@ def _fit_synthesizer(args: argparse.Namespace):
     # Arguments first: nothing private is read before every option has been checked.
     if getattr(args, "rows", None) is not None and args.rows < 0:
         raise TramontaneError(f"--rows must be >= 0, got {args.rows}")
+    if args.checkpoint_every < 1:
+        raise TramontaneError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.resume is not None and args.run_dir is not None:
+        raise TramontaneError("give --run-dir DIR to start a run that can be resumed, or --resume DIR to "
+                              "continue one, not both")
+    if args.resume is not None and not (Path(args.resume) / "plan.json").is_file():
+        raise TramontaneError(f"--resume {args.resume}: nothing to resume there (no plan.json); start the run "
+                              "with --run-dir")
+    _check_output(args.run_dir, "--run-dir", "folder", False)
     config = SynthConfig.fast() if args.fast else SynthConfig()
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
@@ -429,9 +491,11 @@ def _fit_synthesizer(args: argparse.Namespace):
     # Lines on stderr are listed in tramontane.synth.release: none quotes the exact number of rows.
     err.print(f"training a DP synthesizer at epsilon={args.epsilon}, delta={args.delta}"
               + (" (fast configuration)" if args.fast else ""))
+    run_dir = args.resume or args.run_dir
     try:
         with _Progress("DP-SGD") as progress:
-            synth.fit(train, test=test, on_step=progress)
+            synth.fit(train, test=test, on_step=progress, run_dir=run_dir,
+                      checkpoint_every=args.checkpoint_every)
     except KeyboardInterrupt:
         if len(synth.ledger):
             spent = synth.privacy()
@@ -439,6 +503,8 @@ def _fit_synthesizer(args: argparse.Namespace):
                       "the data so far; it counts against the data's budget")
         else:
             err.print("interrupted before anything was spent")
+        if run_dir is not None:
+            err.print(f"interrupted: continue from the last checkpoint with --resume {run_dir}")
         raise
     s = synth.summary
     err.print(f"trained on about {s.rows_dp} rows (a DP count, noise std {s.row_count_noise:g}): "
@@ -446,6 +512,9 @@ def _fit_synthesizer(args: argparse.Namespace):
               f"sigma {s.noise_multiplier:.3f}")
     err.print(f"spent epsilon {s.epsilon_rdp:.3f} (RDP) / {s.epsilon_pld:.3f} (PLD) at delta {s.delta:g} "
               f"of the target {synth.epsilon:g}")
+    if s.delta * s.rows_dp > 1:
+        err.print(f"[yellow]warning:[/yellow] delta {s.delta:g} is above 1 / rows (about 1/{s.rows_dp}): at that "
+                  "delta a mechanism may publish some row outright; choose --delta well below 1 / rows")
     return synth, train, test
 
 
@@ -508,11 +577,14 @@ def cmd_synth_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tramontane.report.utility import evaluate_synthetic
+    from tramontane.report.utility import evaluate_synthetic, numbers_as_floats
     from tramontane.synth.dp_schema import infer_schema
 
     schema = _load_schema(args.schema, args.real_train)
     train = _read_table(args.real_train, schema)
+    if args.target is not None and args.target not in train.columns:
+        raise TramontaneError(f"--target {args.target!r} is not a column of --real-train; columns: "
+                              f"{list(train.columns)}")
     test = _read_table(args.real_test, schema) if args.real_test else None
     synthetic = _read_table(args.synthetic, schema)
     if schema is None:  # evaluation only: a schema read off the real table is never released
@@ -521,6 +593,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             schema = infer_schema(train, allow_non_private=True).schema
+    # Numbers as numbers whatever dtype the CSV was read with; infinities and NaN refused, as fitting does.
+    train = numbers_as_floats(train, schema, "--real-train")
+    synthetic = numbers_as_floats(synthetic, schema, "--synthetic")
+    test = numbers_as_floats(test, schema, "--real-test") if test is not None else None
+    if args.target is not None and test is None:
+        _stderr().print("note: --target needs --real-test (train on synthetic, test on real): no ML efficacy")
     result = evaluate_synthetic(train, synthetic, schema, test, args.target)
     if args.json:
         print(json.dumps(result, default=float))
@@ -529,7 +607,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows.append(("exact copies of training rows", f"{result['exact_match_share']:.4f}"))
         for model, d in result.get("ml_efficacy", {}).get("scores", {}).items():
             for src, sc in d.items():
-                rows.append((f"{model} trained on {src}", f"acc {sc['accuracy']:.4f}  AUC {sc['roc_auc']:.4f}"))
+                auc = "n/a (not binary)" if sc["roc_auc"] is None else f"{sc['roc_auc']:.4f}"
+                rows.append((f"{model} trained on {src}", f"acc {sc['accuracy']:.4f}  AUC {auc}"))
         _print_table("utility of the synthetic table (not covered by DP: it reads the real rows)", rows)
     return 0
 
@@ -547,6 +626,11 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
                        "(the DP noise stays securely random)")
         p.add_argument("--allow-non-private-schema", action="store_true",
                        help="infer the schema without DP (NOT private; the report says so)")
+        p.add_argument("--run-dir", default=None, help="folder for checkpoints (the data holder's: it holds a "
+                       "fingerprint of the table); an interrupted fit continues with --resume DIR")
+        p.add_argument("--resume", default=None, metavar="DIR", help="continue the fit whose --run-dir was DIR "
+                       "(same options and data): nothing is spent again")
+        p.add_argument("--checkpoint-every", type=int, default=10, help="DP-SGD steps between checkpoints")
 
     p = sub.add_parser("synth", help="DP synthetic data: fit a private LM on a table, sample, report")
     fit_options(p)
@@ -612,24 +696,101 @@ def cmd_bounds(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """CANIFE and membership inference on a saved synthesizer, beside its theoretical bounds."""
+    """CANIFE and membership inference on a saved synthesizer, beside its theoretical bounds.
+
+    Progress per phase goes to stderr (bars on a terminal, a line every tenth of a phase otherwise), each
+    with a time estimate. Ctrl-C writes what was measured so far to --out, marked partial, and exits 130.
+    """
     from tramontane.audit.card import privacy_card
-    from tramontane.audit.synth_audit import AuditConfig, audit_synthesizer, write_audit_files
+    from tramontane.audit.synth_audit import (
+        PHASES,
+        AuditConfig,
+        AuditInterrupted,
+        audit_synthesizer,
+        rows_note,
+        write_audit_files,
+        write_partial_audit,
+    )
     from tramontane.synth.synthesizer import Synthesizer
 
-    synth = Synthesizer.load(args.model)
-    data = _read_table(args.data, synth.schema)
-    holdout_path = args.holdout or ("adult-test" if args.data in ("adult", "adult-train") else None)
-    holdout = _read_table(holdout_path, synth.schema) if holdout_path else None
+    err = _stderr()
     config = AuditConfig(rounds=args.rounds, canary=args.canary, design_pool=args.design_pool,
                          craft_steps=args.craft_steps, membership_rows=args.membership_rows,
                          shadows=args.shadows, seed=args.seed)
-    with _Progress("replaying DP-SGD steps") as progress:
-        audit = audit_synthesizer(synth, data, holdout, config, on_round=lambda r, n: progress(r, n, {}))
+    if args.out is not None:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise TramontaneError(f"--out {args.out} is a file, not a folder: give a folder name")
+        _probe_writable(Path(args.out), "--out")  # before minutes of work, not after
+    try:
+        synth = Synthesizer.load(args.model)
+        # Not checked against the schema here: the audit prepares the rows exactly as the fit did.
+        data = _read_table(args.data)
+        holdout_path = args.holdout or ("adult-test" if args.data in ("adult", "adult-train") else None)
+        holdout = _read_table(holdout_path) if holdout_path else None
+    except KeyboardInterrupt:
+        err.print("interrupted before the audit started: nothing measured, nothing written")
+        return 130
+    note = rows_note(synth)
+    if note:
+        err.print(f"note: {note}")
+    if synth.summary is not None:
+        err.print(f"each replayed round is one DP-SGD step of about {synth.summary.batch_size} rows (the "
+                  "fit's expected batch), about as long as one training step")
+
+    bars, tasks, started, last = None, {}, {}, {}
+    clock = [time.perf_counter()]  # when the last phase finished: the next one starts then
+    if err.is_terminal:
+        from rich import progress as rp
+
+        bars = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                           rp.TimeElapsedColumn(), rp.TextColumn("left"), rp.TimeRemainingColumn(),
+                           console=err)
+
+    def progress(phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == 0 and phase not in started:  # the plan, announced before any work
+            if bars is not None:
+                tasks[phase] = bars.add_task(PHASES[phase], total=total, start=False)
+            else:
+                err.print(f"{PHASES[phase]}: {total} to do")
+            return
+        if phase not in started:
+            started[phase] = clock[0]
+            if bars is not None:
+                bars.start_task(tasks[phase])
+        if done >= total:
+            clock[0] = now
+        if bars is not None:
+            bars.update(tasks[phase], completed=done, total=total)
+            return
+        tenth = max(1, total // 10)
+        if done >= total or done // tenth > last.get(phase, 0) // tenth:
+            last[phase] = done
+            spent = now - started[phase]
+            left = spent / done * (total - done)
+            err.print(f"{PHASES[phase]}: {done}/{total}, {spent:.0f} s"
+                      + (f", about {left:.0f} s left" if done < total else " (done)"))
+
+    try:
+        if bars is not None:
+            with bars:
+                audit = audit_synthesizer(synth, data, holdout, config, progress)
+        else:
+            audit = audit_synthesizer(synth, data, holdout, config, progress)
+    except AuditInterrupted as stop:
+        partial = stop.partial
+        done = f"after {partial['rounds_replayed']} of {partial['rounds_planned']} rounds"
+        if args.out is None:
+            err.print(f"interrupted during {PHASES[stop.phase]} {done}: nothing written (no --out)")
+            return 130
+        card = privacy_card(synth.ledger, synth.delta, synth.schema, partial.get("summary"))
+        path = write_partial_audit(args.out, card, partial)
+        err.print(f"interrupted during {PHASES[stop.phase]} {done}: partial results written to {path}")
+        return 130
     card = privacy_card(synth.ledger, synth.delta, synth.schema, audit)
     if args.out:
         for path in write_audit_files(args.out, card, audit):
-            _stderr().print(f"wrote {path}")
+            err.print(f"wrote {path}")
     if args.json:
         print(json.dumps({"card": card, "audit": audit.to_dict()}, default=float))
     else:
@@ -639,8 +800,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             ("canary", s.canary),
             ("expected signal (1 = ideal canary)", _show(audit.canary_expected_signal)),
             ("measured signal", _show(s.signal)),
-            ("empirical epsilon", f"{_show(e.epsilon)} [{_show(e.low)}, {_show(e.high)}] "
-                                  f"at delta {e.delta:.3g}"),
+            ("empirical epsilon",
+             f"{_show(e.epsilon)} [{_show(e.low)}, {_show(e.high)}] at delta {e.delta:.3g}"),
             ("theoretical epsilon (one Gaussian step)",
              f"{_show(s.theoretical_epsilon)} at delta {s.delta:.3g}")])
         if audit.membership is not None:
@@ -671,12 +832,22 @@ def _add_audit_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="the training table (CSV), or 'adult'")
     p.add_argument("--holdout", default=None, help="held-out rows for membership inference (default for "
                    "adult: adult-test)")
-    p.add_argument("--rounds", type=int, default=100, help="replayed DP-SGD steps (half with the canary)")
-    p.add_argument("--canary", choices=["input", "gradient"], default="input")
-    p.add_argument("--design-pool", type=int, default=32)
-    p.add_argument("--craft-steps", type=int, default=60)
-    p.add_argument("--membership-rows", type=int, default=2000)
-    p.add_argument("--shadows", type=int, default=0, help="LiRA shadow synthesizers (each a full fit)")
+    p.add_argument("--rounds", type=int, default=40,
+                   help="replayed DP-SGD steps, half with the canary; each costs about one training step. The "
+                   "default 40 catches skipped or far-too-small noise (sigma 8x under the accounted one: "
+                   "100%% of simulated runs) but gives a wide interval: the per-step 95%% interval at sigma 2 "
+                   "is typically [0, 5.9] (with 100 rounds [0, 6.1], lower end above 0 in 13%% of runs "
+                   "instead of 3%%; cost linear in rounds)")
+    p.add_argument("--canary", choices=["input", "gradient"], default="input",
+                   help="input: a crafted table row (weaker, a real row); gradient: the ideal canary")
+    p.add_argument("--design-pool", type=int, default=32, help="rows the canary is crafted against")
+    p.add_argument("--craft-steps", type=int, default=30, help="optimisation steps of the input canary "
+                   "(cheap: one row each)")
+    p.add_argument("--membership-rows", type=int, default=2000,
+                   help="members and as many held-out rows for the loss attack (forward passes only): 2000 "
+                   "+ 2000 put the AUC's standard error near 0.01")
+    p.add_argument("--shadows", type=int, default=0, help="LiRA shadow synthesizers (each a full fit on "
+                   "2 x membership-rows rows: minutes each)")
     p.add_argument("--seed", type=int, default=0, help="seeds the audit's batches, noise and crafting")
     p.add_argument("--out", default=None, help="directory for audit.json and the plots")
     p.add_argument("--json", action="store_true")
@@ -707,7 +878,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TramontaneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a disk full, a folder made read-only midway: one line unless --verbose
+        if args.verbose:
+            raise
+        print(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return 130
 
 

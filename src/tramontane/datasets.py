@@ -57,6 +57,7 @@ def read_csv(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
         raise DataError(f"{path} does not exist")
     if path.is_dir():
         raise DataError(f"{path} is a directory, not a CSV file")
+    _check_header(path)
     kwargs: dict = {"dtype": str, "keep_default_na": False, "na_values": [""]}
     if schema is not None:
         kwargs = dict(dtype={c.name: str for c in schema.columns if c.kind == "categorical"},
@@ -73,6 +74,35 @@ def read_csv(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
         raise DataError(f"{path} is not a readable CSV file: {err}") from None
     if len(df) == 0:
         raise DataError(f"{path} has a header but no rows")
+    blank = [str(name) for name in df.columns if df[name].isna().all()]
+    if blank and schema is None:
+        raise DataError(f"{path}: column(s) {blank} are empty in every row: drop them, or declare them in a "
+                        "public schema (--schema)")
     if schema is not None:
         schema.validate(df)
     return df
+
+
+_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+
+def _check_header(path: Path) -> None:
+    """The header alone (column names are public): repeated names, and a file separated by something other
+    than commas, are refused before any row is read."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
+    except csv.Error as err:
+        raise DataError(f"{path} is not a readable CSV file: {err}") from None
+    if not header:
+        return  # empty file: pandas says so
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path} has repeated column names {repeated}: rename them so each column has its own")
+    if len(header) == 1:
+        for sep, name in _SEPARATORS.items():
+            if sep in header[0]:
+                raise DataError(f"{path} has one column whose name contains {name}: the file seems to be "
+                                f"separated by {name}, not commas; save it as comma-separated CSV")

@@ -115,3 +115,53 @@ def test_damaged_or_missing_models_get_one_line_errors(data: Path, tmp_path: Pat
         assert code == 2 and "damaged" in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["semicolons", "repeated", "blank"])
+def test_malformed_tables_are_refused_before_any_private_read(tmp_path: Path, capsys, case: str) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text({"semicolons": "age;workclass\n39;Private\n50;Self-emp\n",
+                     "repeated": "age,age,sex\n39,40,Male\n50,51,Female\n",
+                     "blank": "age,note,sex\n39,,Male\n50,,Female\n"}[case])
+    code, err = _run(capsys, "synth", "--data", str(path), "--epsilon", "5", "--out", str(tmp_path / "s.csv"))
+    _refused_before_reading(code, err, {"semicolons": "semicolons", "repeated": "repeated column names",
+                                        "blank": "empty in every row"}[case])
+    assert "39" not in err and "Private" not in err  # no value from the rows
+
+
+def test_ctrl_c_says_what_was_spent(data: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+    import time
+
+    model = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "tramontane.cli", "synth", "fit", "--data", str(data),
+                             "--epsilon", "50", "--steps", "100000", "--out-model", str(model)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "training a DP synthesizer" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        time.sleep(3)  # well into the DP-SGD steps
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: spent epsilon" in err and "it counts" in err and "Traceback" not in err
+    assert not model.exists() and _listing(tmp_path) == []
+
+
+def test_a_save_killed_midway_leaves_no_debris_after_the_next_save(data: Path, tmp_path: Path, capsys) -> None:
+    from tramontane.synth.synthesizer import Synthesizer
+
+    model = tmp_path / "model"
+    assert _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
+                "--out-model", str(model))[0] == 0
+    stale = tmp_path / ".model2.tmp-abcd1234"  # what a SIGKILL during a save leaves behind
+    stale.mkdir()
+    (stale / "schema.json").write_text("{")
+    Synthesizer.load(model).save(tmp_path / "model2")
+    assert _listing(tmp_path) == ["model", "model2"]

@@ -113,6 +113,9 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
         "rows": "sampled from the DP model (post-processing)",
         "row_count": "--rows when given (public), else the DP row count",
     }),
+    # -- the run folder (--run-dir): the data holder's, mode 0700 --------------------------------------------
+    *_fields("run/plan.json", HOLDER, (), {"*": "the plan a resumed fit reuses, with a hash of the table"}),
+    *_fields("run/train/*", HOLDER, (), {"*": "training checkpoints (weights, optimizer, ledger so far)"}),
     # -- the terminal: the data holder's ----------------------------------------------------------------------
     *_fields(STDERR, PUBLIC, (), {
         "training a DP synthesizer at epsilon=*": "what is being run (inputs)",
@@ -124,7 +127,8 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
         "trained on about * rows (a DP count*": "the DP row count, sigma and q",
         "spent epsilon *": "the ledger's epsilon under both accountants, DP-SGD setting",
         "wrote * synthetic rows to *": "the synthetic CSV and its size",
-        "interrupted*": "what an interrupted fit had spent (the ledger so far)",
+        "warning: delta * is above 1 / rows*": "delta against the DP row count",
+        "interrupted*": "what an interrupted fit had spent (the ledger so far), and how to resume it",
     }),
     *_fields(STDERR, HOLDER, (), {
         "DP-SGD *": "progress of training (shown to the data holder while it runs; its timing grows with N)",

@@ -22,6 +22,7 @@ read when it can be known then; a refusal after a spend keeps that spend on `Syn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from tramontane.synth.dp_schema import SchemaInference, infer_schema
 from tramontane.synth.sampling import sample_rows
 from tramontane.synth.schema import Schema
 from tramontane.training import TrainConfig, Trainer
+from tramontane.training.state import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,54 @@ class RowObjective:
         return -ll / (self.codec.n_columns * self.config.augmentations)
 
 
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "tramontane.synthesizer_plan"
+
+
+@dataclass
+class _FitPlan:
+    """What a fit decided before training, written to its run folder so that a resumed fit spends nothing
+    again. For the data holder only: `fingerprint` is a hash of the conformed private table."""
+
+    settings: dict[str, Any]
+    schema: dict[str, Any]
+    schema_source: str
+    schema_epsilon: float
+    schema_delta: float
+    schema_notes: list[str]
+    rows_dp: int
+    batch_size: int
+    sample_rate: float
+    noise_multiplier: float
+    ledger: dict[str, Any]  # the ledger when training starts
+    fingerprint: str
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "_FitPlan | None":
+        path = run_dir / PLAN_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("format", None) != PLAN_FORMAT:
+                raise ValueError("not a plan")
+            return cls(**data)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is damaged: it cannot be resumed; start a new folder") from None
+
+    def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(run_dir, 0o700)  # the data holder's: a fingerprint of the table, checkpoints
+        write_json_atomic(run_dir / PLAN_FILE, {"format": PLAN_FORMAT, **asdict(self)})
+
+
+def _fingerprint(schema: Schema, rows: pd.DataFrame) -> str:
+    """SHA-256 of the table as training sees it (value ids in schema order), to refuse a resume on another
+    table. A hash of private data: kept in the data holder's run folder only."""
+    ids = np.ascontiguousarray(schema.value_ids(rows), dtype=np.int64)
+    return hashlib.sha256(repr(ids.shape).encode() + ids.tobytes()).hexdigest()
+
+
 class Synthesizer:
     """Fit a DP language model on a table and sample synthetic rows from it.
 
@@ -281,26 +331,10 @@ class Synthesizer:
         self.ledger.append(GaussianEvent(sigma, 1, label="row count"))
         return dp_row_count(n, sigma, seed)
 
-    def fit(self, df: pd.DataFrame, *, test: pd.DataFrame | None = None,
-            on_step: Callable[[int, int, dict[str, float]], None] | None = None) -> "Synthesizer":
-        """Train on `df` (the private table). `test`, if given, is held-out data (never trained on) whose
-        per-row NLL is tracked for the data holder's learning curve (`diagnostics`, not DP)."""
-        import time
-
-        start = time.perf_counter()
-        if not isinstance(df, pd.DataFrame):
-            raise DataError(f"fit() takes a pandas DataFrame, got {type(df).__name__}")
-        if self.model is not None:
-            raise ConfigError("this synthesizer was already fitted; create a new one (its budget is spent)")
-        if len(df) == 0:
-            raise DataError("the table is empty: nothing to fit")
+    def _prepare(self, df: pd.DataFrame) -> tuple[Schema, pd.DataFrame, _FitPlan]:
+        """Schema (given, or inferred with DP), conformed rows, DP row count and the DP-SGD setting: every
+        spend before training, on the ledger; the plan a resumed run reuses instead of spending again."""
         if self.schema is not None:
-            self.schema.check_columns(df)  # the column set is public: checked before any value is read
-        if test is not None and self.schema is not None:
-            self.schema.check_columns(test)
-        c = self.config
-        given_schema = self.schema is not None
-        if given_schema:
             schema = self.schema
             schema.validate(df)
             source = "public" if schema.private else "non-private"
@@ -310,11 +344,79 @@ class Synthesizer:
         rows = schema.conform(df)  # row by row: rare values DP inference dropped take their rows along
         if len(rows) == 0:
             raise DataError("no row fits the schema. " + self._spent_note())
+        rows_dp = self._count_rows(len(rows))
+        inference = self.schema_inference
+        eps_train = self.epsilon - (inference.epsilon if inference else 0.0)
+        batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta)
+        plan = _FitPlan(self._settings(), schema.to_dict(), source,
+                        inference.epsilon if inference else 0.0, inference.delta if inference else 0.0,
+                        list(inference.notes) if inference else [], rows_dp, batch, q, sigma,
+                        self.ledger.to_dict(), _fingerprint(schema, rows))
+        return schema, rows, plan
+
+    def _settings(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
+                "schema": self.schema.to_dict() if self.schema is not None else None,
+                "allow_non_private_schema": self.allow_non_private_schema}
+
+    def _resume_plan(self, plan: _FitPlan, df: pd.DataFrame) -> tuple[Schema, pd.DataFrame]:
+        """Check that a saved plan belongs to this run (settings and table) and restore its spends."""
+        mine = self._settings()
+        changed = [k for k in mine if json.dumps(mine[k], sort_keys=True) != json.dumps(plan.settings.get(k),
+                                                                                     sort_keys=True)]
+        if changed:
+            raise ConfigError(f"cannot resume: the run folder was started with other settings ({', '.join(changed)}"
+                              "); use the same options, or a new folder")
+        schema = Schema.from_dict(plan.schema)
+        if self.schema is not None:
+            schema.validate(df)
+        rows = schema.conform(df)
+        if _fingerprint(schema, rows) != plan.fingerprint:
+            raise ConfigError("cannot resume: the run folder was started on a different table; use the same "
+                              "--data, or a new folder")
+        self.ledger = PrivacyLedger.from_dict(plan.ledger)  # what was spent before training, exactly once
+        return schema, rows
+
+    def fit(self, df: pd.DataFrame, *, test: pd.DataFrame | None = None,
+            on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+            run_dir: str | Path | None = None, checkpoint_every: int = 10) -> "Synthesizer":
+        """Train on `df` (the private table). `test`, if given, is held-out data (never trained on) whose
+        per-row NLL is tracked for the data holder's learning curve (`diagnostics`, not DP).
+
+        `run_dir`: a folder for the data holder (it holds a fingerprint of the table and checkpoints) where
+        the plan (schema, DP row count, DP-SGD setting, the ledger so far) and a checkpoint every
+        `checkpoint_every` steps are written. Fitting again with the same `run_dir`, options and table
+        resumes from the last checkpoint: nothing is inferred or counted again, the ledger continues, and the
+        run ends with the epsilon of an uninterrupted one. Other settings or another table are refused.
+        """
+        import time
+
+        start = time.perf_counter()
+        if not isinstance(df, pd.DataFrame):
+            raise DataError(f"fit() takes a pandas DataFrame, got {type(df).__name__}")
+        if self.model is not None:
+            raise ConfigError("this synthesizer was already fitted; create a new one (its budget is spent)")
+        if len(df) == 0:
+            raise DataError("the table is empty: nothing to fit")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
+        if self.schema is not None:
+            self.schema.check_columns(df)  # the column set is public: checked before any value is read
+        if test is not None and self.schema is not None:
+            self.schema.check_columns(test)
+        c = self.config
+        run_dir = Path(run_dir) if run_dir is not None else None
+        plan = _FitPlan.read(run_dir) if run_dir is not None else None
+        if plan is not None:
+            schema, rows = self._resume_plan(plan, df)
+        else:
+            if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+                raise ConfigError(f"{run_dir} is not empty and holds no run to resume: choose a new folder")
+            schema, rows, plan = self._prepare(df)
+            if run_dir is not None:
+                plan.write(run_dir)
         codec = TabularCodec(schema)
         vids = schema.value_ids(rows)
-        rows_dp = self._count_rows(len(rows))
-        eps_train = self.epsilon - (self.schema_inference.epsilon if self.schema_inference else 0.0)
-        batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta)
 
         if self.seed is not None:
             torch.manual_seed(self.seed)
@@ -332,15 +434,15 @@ class Synthesizer:
             def evaluate(m: nn.Module) -> float:
                 return -float(value_log_likelihood(m, codec, test_enc).mean())
 
-        train_config = TrainConfig(steps=c.steps, batch_size=batch, sample_rate=q, lr=c.lr,
-                                   warmup_steps=c.warmup_steps, micro_batch_size=c.micro_batch_size,
-                                   max_grad_norm=c.max_grad_norm, noise_multiplier=sigma,
+        train_config = TrainConfig(steps=c.steps, batch_size=plan.batch_size, sample_rate=plan.sample_rate,
+                                   lr=c.lr, warmup_steps=c.warmup_steps, micro_batch_size=c.micro_batch_size,
+                                   max_grad_norm=c.max_grad_norm, noise_multiplier=plan.noise_multiplier,
                                    target_epsilon=self.epsilon, delta=self.delta, accountant=c.accountant,
-                                   noise_seed=self.noise_seed,
+                                   noise_seed=self.noise_seed, checkpoint_every=checkpoint_every,
                                    eval_every=max(1, c.steps // 10) if evaluate else 0, label="synth dp-sgd")
         try:
             trainer = Trainer(model, objective, len(rows), train_config, ledger=self.ledger, evaluate=evaluate,
-                              on_step=on_step)
+                              on_step=on_step, run_dir=run_dir / "train" if run_dir is not None else None)
         except PrivacyError as err:
             raise type(err)(f"{err} {self._spent_note()}") from None
         result = trainer.fit()
@@ -349,12 +451,12 @@ class Synthesizer:
         self.model, self.codec, self.schema = model, codec, schema
         spent = {acc: accounting.epsilon(self.ledger, self.delta, acc) for acc in ("rdp", "pld")}
         self.summary = FitSummary(
-            rows_dp=rows_dp, row_count_noise=c.row_count_noise, steps=result.steps, batch_size=batch,
-            sample_rate=q, noise_multiplier=sigma, max_grad_norm=c.max_grad_norm, accountant=c.accountant,
-            epsilon_rdp=spent["rdp"], epsilon_pld=spent["pld"], delta=self.delta, schema_source=source,
-            schema_epsilon=self.schema_inference.epsilon if self.schema_inference else 0.0,
-            schema_delta=self.schema_inference.delta if self.schema_inference else 0.0,
-            schema_notes=list(self.schema_inference.notes) if self.schema_inference else [])
+            rows_dp=plan.rows_dp, row_count_noise=c.row_count_noise, steps=result.steps,
+            batch_size=plan.batch_size, sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=c.max_grad_norm, accountant=c.accountant, epsilon_rdp=spent["rdp"],
+            epsilon_pld=spent["pld"], delta=self.delta, schema_source=plan.schema_source,
+            schema_epsilon=plan.schema_epsilon, schema_delta=plan.schema_delta,
+            schema_notes=list(plan.schema_notes))
         self.diagnostics = FitDiagnostics(rows_given=len(df), rows_used=len(rows), heldout_curve=result.history,
                                           seconds=time.perf_counter() - start)
         if spent[c.accountant] > self.epsilon * (1 + 1e-9):

@@ -40,7 +40,7 @@ class TrainState:
     rng_state: torch.Tensor | None = None
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
@@ -113,7 +113,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_json_atomic(run_dir / "latest", {"checkpoint": final.name, "step": state.step})
+    write_json_atomic(run_dir / "latest", {"checkpoint": final.name, "step": state.step})
     old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p != final)
     for path in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)

@@ -309,10 +309,10 @@ class Trainer:
         if c.private:
             engine = DPEngine(self.model, max_grad_norm=c.max_grad_norm, noise_multiplier=self.noise_multiplier,
                               seed=c.noise_seed, first_step=self.step)
-            batches = self._private_batches(remaining)
+            batches = self._private_batches(remaining) if remaining > 0 else iter(())
         else:
             batches = self._plain_batches(remaining)
-        stopped = None
+        stopped = None  # (a run resumed at its last step has nothing left to do)
         for indices in batches:
             if self.step >= self.max_steps:  # unreachable after _check_budget; kept as a last guard
                 stopped = "privacy budget reached"
