@@ -7,14 +7,34 @@ never attends to, so every prompt is generated exactly as if it were alone. Samp
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tramontane.errors import GenerationError
 from tramontane.models.cache import KVCache
 from tramontane.models.transformer import Transformer
+
+
+def sampling_problems(max_tokens: Any, temperature: Any, top_p: Any) -> dict[str, str]:
+    """What is wrong with these `SamplingParams` values: field -> the rule it breaks, worded without the
+    field's name so that a caller can name it its own way (the CLI says `--top-p`). Empty when all fit."""
+
+    def real(x: Any) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    out = {}
+    if not (isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool) and max_tokens >= 0):
+        out["max_tokens"] = f"must be an integer >= 0, got {max_tokens!r}"
+    if not (real(temperature) and temperature >= 0):
+        out["temperature"] = f"must be a finite number >= 0 (0 is greedy), got {temperature!r}"
+    if not (real(top_p) and 0.0 < top_p <= 1.0):
+        out["top_p"] = f"must be a number in (0, 1], got {top_p!r}"
+    return out
 
 
 @dataclass
@@ -28,12 +48,9 @@ class SamplingParams:
     logprobs: bool = False  # return log p(token) under the model (before temperature and top-p)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 0:
-            raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        problems = sampling_problems(self.max_tokens, self.temperature, self.top_p)
+        if problems:
+            raise GenerationError("; ".join(f"{name} {rule}" for name, rule in problems.items()))
 
 
 @dataclass

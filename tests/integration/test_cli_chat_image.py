@@ -58,3 +58,46 @@ def test_chat_with_an_unreadable_image_is_a_clear_error(checkpoint: Path, tmp_pa
     bad.write_bytes(b"not a png")
     assert main(["chat", "--model", str(checkpoint), "--image", str(bad)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _picture(path: Path) -> Path:
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_missing_image_is_refused_before_the_model_is_read(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # No model at --model: an error about the image proves it was read before anything was loaded.
+    assert main(["chat", "--model", str(tmp_path / "absent"), "--image", str(tmp_path / "nowhere.png")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "nowhere.png" in line and "absent" not in line
+
+
+def test_image_with_a_text_only_checkpoint_names_the_option_not_a_python_call(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tramontane.models.checkpoint import save_model
+
+    from tests.conftest import random_model, tiny_args
+
+    text_only = tmp_path / "text"
+    save_model(random_model(tiny_args(), seed=1), text_only)
+    assert main(["chat", "--model", str(text_only), "--image", str(_picture(tmp_path / "p.png"))]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--image" in line and "load_model" not in line, line
+
+
+def test_image_with_a_text_tokenizer_names_the_model_folder_not_a_python_call(
+        checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = shutil.copytree(checkpoint, tmp_path / "pixtral")
+    (directory / Tokenizer.builtin(TOKENIZER).path.name).unlink()
+    text_tokenizer = Tokenizer.builtin("v3").path
+    shutil.copy(text_tokenizer, directory / text_tokenizer.name)
+    assert main(["chat", "--model", str(directory), "--image", str(_picture(tmp_path / "p.png"))]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--model" in line and "Tokenizer.builtin" not in line, line

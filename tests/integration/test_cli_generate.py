@@ -78,3 +78,52 @@ def test_bad_model_directory_is_a_clear_error(tmp_path: Path, capsys: pytest.Cap
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(tmp_path) in err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("option, value", [
+    ("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"),
+    ("--top-p", "2"), ("--top-p", "0"), ("--top-p", "nan"), ("--max-tokens", "-1"),
+])
+def test_bad_sampling_option_is_refused_before_the_model_is_read(
+        command: str, option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No model at --model: an error about the option proves it was checked before anything was loaded.
+    argv = [command, "--model", str(tmp_path / "absent"), option, value]
+    assert main(argv + (["--prompt", "x"] if command == "generate" else [])) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert option in line and "absent" not in line
+
+
+def test_bad_chunk_size_is_refused_before_the_model_is_read(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x", "--chunk-size", "0"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--chunk-size" in line and "absent" not in line
+
+
+# Python calls a command-line user cannot make.
+PYTHON_HINTS = ("load_model", "Tokenizer.from", "Tokenizer.builtin", "format=")
+
+
+def test_folder_with_two_checkpoint_formats_names_the_folder_not_a_python_argument(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    both = shutil.copytree(model_dir, tmp_path / "both")
+    (both / "config.json").write_text("{}")
+    assert main(["generate", "--model", str(both), "--prompt", "x"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--model" in line and not any(hint in line for hint in PYTHON_HINTS), line
+
+
+def test_two_tokenizer_files_names_the_folder_not_a_python_call(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    two = shutil.copytree(model_dir, tmp_path / "two")
+    shutil.copy(two / "tokenizer.model.v3", two / "tokenizer.model.v7")
+    assert main(["generate", "--model", str(two), "--prompt", "x"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--model" in line and not any(hint in line for hint in PYTHON_HINTS), line

@@ -177,8 +177,12 @@ def load_audio(path: str | os.PathLike[str], sampling_rate: int = 16_000) -> Aud
     """
     _require_audio_extras()
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an audio file; pass one WAV, FLAC, OGG or MP3 file")
+    if not path.exists():
         raise DataError(f"audio file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file; pass one WAV, FLAC, OGG or MP3 file")
     try:
         audio = Audio.from_file(str(path), strict=False)
     except (RuntimeError, ValueError, TypeError, AssertionError, OSError, EOFError) as exc:

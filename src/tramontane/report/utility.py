@@ -7,8 +7,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tramontane.errors import DataError
 from tramontane.report.metrics import MarginalBins, exact_match_rate, marginal_tvd, ml_efficacy, nll_summary
-from tramontane.synth.schema import Schema
+from tramontane.synth.schema import Schema, parse_numbers
+
+
+def numbers_as_floats(df: pd.DataFrame, schema: Schema, table: str = "the table") -> pd.DataFrame:
+    """A copy of `df` whose columns the schema calls numeric hold float64 (an empty entry: NaN), each entry
+    read from its value (`parse_numbers`): a CSV read as text then gets quantile bins, not categories, even
+    where a metric looks at the dtype.
+
+    Raises `DataError` naming every numeric column that holds an entry which is not a finite number
+    (infinity, NaN, text): no bin takes it, and `Schema.validate` refuses it too. `table` names the table
+    in the message; no message quotes a value from the rows or counts them.
+    """
+    out = df.copy()
+    bad = []
+    for spec in schema.columns:
+        if not spec.is_numeric or spec.name not in df.columns:
+            continue  # a missing column is the column check's to report
+        x, missing = parse_numbers(df[spec.name])
+        if (~missing & ~np.isfinite(x)).any():
+            bad.append(spec.name)
+        out[spec.name] = x
+    if bad:
+        raise DataError(
+            f"column(s) {bad} of {table} are numeric but hold entries that are not finite numbers (infinity, "
+            "NaN or text); every numeric entry must be a finite number or empty. Fix or drop those rows, or "
+            "declare the column categorical in the schema"
+        )
+    return out
 
 
 def evaluate_synthetic(real_train: pd.DataFrame, synthetic: pd.DataFrame, schema: Schema,

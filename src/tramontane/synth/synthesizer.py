@@ -1,6 +1,6 @@
 """`Synthesizer`: DP synthetic tables from a Mistral-architecture language model (the synlm method).
 
-Castellon, Gopi, Ma, ... "Privately generating tabular data using language models" (arXiv 2306.04803):
+Sablayrolles, Wang and Karrer, "Privately generating tabular data using language models" (arXiv 2306.04803):
 rows become token sequences (`codec.py`), a small causal LM (here our Mistral decoder: GQA, RMSNorm,
 SwiGLU, RoPE) is trained from scratch with DP-SGD (`tramontane.dp`, `tramontane.training`), and synthetic
 rows are sampled column by column under the schema's constraints, so every sampled row is valid.
