@@ -20,6 +20,7 @@ from tramontane.audit.canife import (
     craft_canary,
     orthogonal_direction,
     replay_dp_steps,
+    replayed_scores,
     soft_sequence_loss,
     step_audit,
     trainable,
@@ -129,3 +130,27 @@ def test_a_dp_run_stays_below_the_accountant(setup: Setup, canary: str) -> None:
     # upwards, see estimators.py, and is not compared)
     composed = compose_estimates([(est, steps)], Q, 1e-5, sigma)
     assert composed.low < accounting.epsilon(DpSgdEvent(Q, sigma, steps), 1e-5)
+
+
+def test_replayed_scores_one_round_at_a_time_are_the_replay(setup: Setup) -> None:
+    kw = {"sample_rate": Q, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": 6, "noise_seed": 7,
+          "sampling_seed": 8, "direction": setup.direction, "canary_rows": lambda: setup.objective.rows([N])}
+    with_c, without = replay_dp_steps(setup.model, setup.objective, N, **kw)
+    rounds = list(replayed_scores(setup.model, setup.objective, N, **kw))
+    assert [present for present, _ in rounds] == [True, False] * 3
+    assert np.allclose([s for p, s in rounds if p], with_c)
+    assert np.allclose([s for p, s in rounds if not p], without)
+    # stopped after one round (a Ctrl-C between rounds): the generator closes and leaves no gradients behind
+    scores = replayed_scores(setup.model, setup.objective, N, **kw)
+    next(scores)
+    scores.close()
+    assert all(p.grad is None for p in setup.model.parameters())
+
+
+def test_crafting_reports_each_step(setup: Setup) -> None:
+    calls = []
+    gen = torch.Generator().manual_seed(2)
+    craft_canary(soft_sequence_loss(setup.model, T), trainable(setup.model), torch.randn(T, V, generator=gen),
+                 setup.pool, max_grad_norm=1.0, steps=3, generator=gen,
+                 on_step=lambda k, n: calls.append((k, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]

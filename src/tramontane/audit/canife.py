@@ -14,11 +14,12 @@ from DP-FedAvg's clients to DP-SGD's examples: the unit that is clipped and nois
    CANIFE's text variant; the final canary is the argmax, a real example. `orthogonal_direction` is the
    other option: a gradient-space canary (a unit vector orthogonal to the pool), the ideal canary an
    adversary that controls its gradient could insert; it measures the noise mechanism alone.
-3. Replay (`replay_dp_steps`, CANIFE's `train_freeze`): with the model frozen, `rounds` DP-SGD steps of the
-   real engine (`tramontane.dp.DPEngine`: Poisson batch at the run's rate, per-example clipping, Gaussian
-   noise), the canary added as an extra example on even rounds. The attack score of a step is
-   s = <u_hat, noisy clipped sum> / C with u_hat the unit direction of the canary's clipped gradient: an
-   ideal canary adds exactly 1, the noise N(0, sigma^2), the other examples what crafting drove to 0.
+3. Replay (`replay_dp_steps`, or `replayed_scores` one round at a time; CANIFE's `train_freeze`): with
+   the model frozen, `rounds` DP-SGD steps of the real engine (`tramontane.dp.DPEngine`: Poisson batch at
+   the run's rate, per-example clipping, Gaussian noise), the canary added as an extra example on even
+   rounds. The attack score of a step is s = <u_hat, noisy clipped sum> / C with u_hat the unit direction
+   of the canary's clipped gradient: an ideal canary adds exactly 1, the noise N(0, sigma^2), the other
+   examples what crafting drove to 0.
 4. `audit_dp_step`: CANIFE's estimator (`estimators.empirical_epsilon`) on the two score sets, beside the
    one-step theoretical epsilon of the unsampled Gaussian mechanism (the canary is in every "with" step),
    the comparison CANIFE's "2-7x lower" figures make; `estimators.compose_estimates` turns it into an
@@ -32,7 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +140,8 @@ def craft_canary(soft_loss: Callable[[torch.Tensor], torch.Tensor], params: list
                  logits: torch.Tensor, pool: torch.Tensor, *, max_grad_norm: float,
                  mask: torch.Tensor | None = None, steps: int = 100, lr: float = 0.1,
                  norm_constant: float | None = None, pool_batch: int | None = None, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> CanaryDesign:
+                 generator: torch.Generator | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> CanaryDesign:
     """Optimise an input canary with CANIFE's objective (see the module docstring).
 
     Args:
@@ -148,6 +151,7 @@ def craft_canary(soft_loss: Callable[[torch.Tensor], torch.Tensor], params: list
         logits: [P, V] initial logits. mask: [P, V] bool, the tokens allowed at each position.
         pool: [m, D] clipped design-pool gradients. pool_batch: minibatch of the pool per step (None: all).
         norm_constant: c in the hinge; default 2 * max_grad_norm.
+        on_step: called with (steps done, steps) after each optimisation step (progress display).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel  # the math kernel supports double backward
 
@@ -181,6 +185,8 @@ def craft_canary(soft_loss: Callable[[torch.Tensor], torch.Tensor], params: list
             var.grad = grad
             opt.step()
             history.append(float(value.detach()))
+            if on_step is not None:
+                on_step(len(history), steps)
         final, norm = evaluate(var.detach())
     _, tokens = hard(var.detach())
     logger.info("canary crafted: objective %.4g -> %.4g, gradient norm %.3g", initial, final, norm)
@@ -188,19 +194,17 @@ def craft_canary(soft_loss: Callable[[torch.Tensor], torch.Tensor], params: list
                         initial_loss=initial, final_loss=final, grad_norm=norm, history=history)
 
 
-def replay_dp_steps(model: nn.Module, objective: Objective, num_examples: int, *, sample_rate: float,
+def replayed_scores(model: nn.Module, objective: Objective, num_examples: int, *, sample_rate: float,
                     noise_multiplier: float, max_grad_norm: float, direction: torch.Tensor, rounds: int,
                     canary_rows: Callable[[], tuple[Any, torch.Tensor | None]] | None = None,
                     canary_gradient: torch.Tensor | None = None, micro_batch_size: int = 256,
-                    noise_seed: int | None = None, sampling_seed: int | None = None,
-                    on_round: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (with canary, without) of `rounds` DP-SGD steps of the frozen model, alternating with and
-    without the canary (CANIFE's `train_freeze`); see the module docstring.
+                    noise_seed: int | None = None,
+                    sampling_seed: int | None = None) -> Iterator[tuple[bool, float]]:
+    """Yield (canary present, score) for each of `rounds` DP-SGD steps of the frozen model, alternating with
+    and without the canary (CANIFE's `train_freeze`); see the module docstring and `replay_dp_steps`.
 
-    The canary is either `canary_rows()` -> (batch, example ids) of the objective, added to each "with"
-    step as one more clipped example, or `canary_gradient` [D], a clipped gradient added to the step's
-    clipped sum (what the engine would add for an example with that gradient). `direction` [D] is the
-    unit vector u_hat the score projects on. Model parameters are left untouched, `.grad` is cleared.
+    One round at a time, so that a caller can show progress and keep the rounds done when it is stopped.
+    Model parameters are left untouched and `.grad` is cleared when the generator finishes or is closed.
     """
     if (canary_rows is None) == (canary_gradient is None):
         raise PrivacyParameterError("give exactly one of canary_rows and canary_gradient")
@@ -208,7 +212,6 @@ def replay_dp_steps(model: nn.Module, objective: Objective, num_examples: int, *
         raise PrivacyParameterError("need at least 2 rounds (one with, one without the canary)")
     params = trainable(model)
     expected = sample_rate * num_examples
-    with_scores, without_scores = [], []
     with warnings.catch_warnings():  # seeded noise and sigma = 0 are deliberate here: a measurement
         warnings.simplefilter("ignore", TramontaneWarning)
         engine = DPEngine(model, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
@@ -230,16 +233,40 @@ def replay_dp_steps(model: nn.Module, objective: Objective, num_examples: int, *
             noisy_sum = flat_gradient([p.grad for p in params], params) * expected
             if present and canary_gradient is not None:
                 noisy_sum = noisy_sum + canary_gradient.to(noisy_sum)
-            score = float(direction @ noisy_sum) / max_grad_norm
-            (with_scores if present else without_scores).append(score)
             for p in params:
                 p.grad = None
-            if on_round is not None:
-                on_round(r + 1, rounds)
+            yield present, float(direction @ noisy_sum) / max_grad_norm
     finally:
         engine.reset()
         for p in params:
             p.grad = None
+
+
+def replay_dp_steps(model: nn.Module, objective: Objective, num_examples: int, *, sample_rate: float,
+                    noise_multiplier: float, max_grad_norm: float, direction: torch.Tensor, rounds: int,
+                    canary_rows: Callable[[], tuple[Any, torch.Tensor | None]] | None = None,
+                    canary_gradient: torch.Tensor | None = None, micro_batch_size: int = 256,
+                    noise_seed: int | None = None, sampling_seed: int | None = None,
+                    on_round: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (with canary, without) of `rounds` DP-SGD steps of the frozen model, alternating with and
+    without the canary (CANIFE's `train_freeze`); see the module docstring.
+
+    The canary is either `canary_rows()` -> (batch, example ids) of the objective, added to each "with"
+    step as one more clipped example, or `canary_gradient` [D], a clipped gradient added to the step's
+    clipped sum (what the engine would add for an example with that gradient). `direction` [D] is the
+    unit vector u_hat the score projects on. Model parameters are left untouched, `.grad` is cleared.
+    """
+    with_scores, without_scores = [], []
+    rounds_iter = replayed_scores(model, objective, num_examples, sample_rate=sample_rate,
+                                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                  direction=direction, rounds=rounds, canary_rows=canary_rows,
+                                  canary_gradient=canary_gradient, micro_batch_size=micro_batch_size,
+                                  noise_seed=noise_seed, sampling_seed=sampling_seed)
+    with closing(rounds_iter):
+        for r, (present, score) in enumerate(rounds_iter):
+            (with_scores if present else without_scores).append(score)
+            if on_round is not None:
+                on_round(r + 1, rounds)
     return np.asarray(with_scores), np.asarray(without_scores)
 
 
