@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import dp_accounting
 import pytest
@@ -58,3 +60,80 @@ def test_account_refuses_zero_noise(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["account", "--sample-rate", "0.04", "--noise-multiplier", "0", "--steps", "10",
                  "--delta", "1e-5"]) == 2
     assert "noise" in capsys.readouterr().err
+
+
+# --- limits: huge compositions, nothing spent, bad numbers ------------------------------------------------
+
+
+BILLION = "1000000000"
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["account", "--sample-rate", "0.01", "--steps", BILLION, "--delta", "1e-5", "--noise-multiplier", "1",
+      "--accountant", "pld"], True),
+    (["bounds", "--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", BILLION], True),
+    # At a noise level that makes a billion steps private (epsilon ~ 8) both answer.
+    (["account", "--sample-rate", "0.01", "--steps", BILLION, "--delta", "1e-5", "--noise-multiplier", "211",
+      "--accountant", "pld", "--json"], False),
+    (["bounds", "--sample-rate", "0.01", "--noise-multiplier", "211", "--steps", BILLION, "--json"], False),
+])
+def test_a_billion_steps_get_a_prompt_one_line_answer(argv: list[str], refused: bool) -> None:
+    # All four ran for minutes or hours (a PLD of ~7e7 points; size**steps as a Python integer). Now the
+    # pld accountant squares and refuses above PLD_MAX_POINTS, naming the rdp accountant.
+    out = subprocess.run([sys.executable, "-m", "tramontane.cli", *argv], check=False, capture_output=True,
+                         text=True, timeout=30)
+    assert "Traceback" not in out.stderr
+    if refused:
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.strip().count("\n") == 0
+        assert "--accountant rdp" in out.stderr and "limit of 1e+07" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert 7.5 < result["epsilon_pld" if argv[0] == "bounds" else "epsilon"] < 10.0
+
+
+@pytest.mark.parametrize("setting", [["--sample-rate", "0", "--steps", "100"],
+                                     ["--sample-rate", "0.01", "--steps", "0"]])
+def test_nothing_spent_is_not_overcharged(capsys: pytest.CaptureFixture[str], setting: list[str]) -> None:
+    argv = ["account", *setting, "--noise-multiplier", "1", "--delta", "1e-5"]
+    out = _run(capsys, [*argv, "--json"])
+    assert out["epsilon"] == 0.0 and out["overcharged"] is False and out["warnings"] == []
+    assert out["epsilon_over_epsilon_tan"] is None  # 0 / 0
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["account", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5", "--epsilon", "inf"], "--epsilon"),
+    (["account", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5", "--epsilon", "nan"], "--epsilon"),
+    (["account", "--sample-rate", "nan", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "1"],
+     "--sample-rate"),
+    (["account", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5", "--noise-multiplier", "inf"],
+     "--noise-multiplier"),
+    (["account", "--sample-rate", "0.01", "--steps", "-1", "--delta", "1e-5", "--noise-multiplier", "1"], "--steps"),
+    (["account", "--sample-rate", "0.01", "--steps", "10", "--delta", "inf", "--noise-multiplier", "1"], "--delta"),
+    (["plan", "--dataset-size", "1000", "--epsilon", "inf", "--delta", "1e-5", "--steps", "100"], "--epsilon"),
+    (["plan", "--dataset-size", "1000", "--epsilon", "-1", "--delta", "1e-5", "--steps", "100"], "--epsilon"),
+    (["plan", "--dataset-size", "1000", "--epsilon", "1", "--delta", "nan", "--steps", "100"], "--delta"),
+    (["plan", "--dataset-size", "0", "--epsilon", "1", "--delta", "1e-5", "--steps", "100"], "--dataset-size"),
+    (["plan", "--dataset-size", "1000", "--epsilon", "1", "--delta", "1e-5", "--steps", "100",
+      "--simulated-batch", "-3"], "--simulated-batch"),
+    (["bounds", "--sample-rate", "-0.5", "--noise-multiplier", "1", "--steps", "10"], "--sample-rate"),
+    (["bounds", "--sample-rate", "0.01", "--noise-multiplier", "nan", "--steps", "10"], "--noise-multiplier"),
+    (["bounds", "--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--delta", "inf"], "--delta"),
+    (["bounds", "--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "10", "--values", "0"], "--values"),
+])
+def test_bad_numbers_are_refused_naming_the_option(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                   option: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option} must"), err
+    if "inf" in argv and option == "--epsilon":
+        assert "finite" in err
+
+
+def test_zero_noise_hint_names_the_calibrating_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["account", "--sample-rate", "0.04", "--noise-multiplier", "0", "--steps", "10",
+                 "--delta", "1e-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--noise-multiplier" in err and "tramontane account --epsilon" in err

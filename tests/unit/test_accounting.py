@@ -295,7 +295,7 @@ def target_window(eps: float, target: float) -> bool:
 
 
 def test_unreachable_target_says_what_to_change() -> None:
-    with pytest.raises(PrivacyParameterError, match="Increase target_epsilon") as info:
+    with pytest.raises(PrivacyParameterError, match=r"Increase the target epsilon \(--epsilon") as info:
         calibrate_noise_multiplier(1e-3, 1e-5, 0.01, 1000)
     assert "accountant='pld'" in str(info.value)  # below what the RDP conversion can certify
     with pytest.raises(PrivacyParameterError, match="raise sigma_max"):

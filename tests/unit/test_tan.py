@@ -208,7 +208,7 @@ def test_planner_warns_behind_the_wall_and_refuses_impossible_plans() -> None:
     with pytest.warns(TramontaneWarning, match="privacy wall"):
         plan = plan_constant_tan(50_000, 8.0, 1e-5, 2_500, batch_size_ref=256)
     assert plan.reference.noise_multiplier < 2.0 and plan.epsilon <= 8.0
-    with pytest.raises(PrivacyParameterError, match="raise target_epsilon"):
+    with pytest.raises(PrivacyParameterError, match=r"raise the target epsilon \(--epsilon"):
         plan_constant_tan(100, 0.01, 1e-5, 100_000)
     with pytest.raises(PrivacyParameterError):
         plan_constant_tan(1000, 8.0, 1e-5, 100, batch_size_ref=2000)

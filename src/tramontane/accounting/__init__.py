@@ -9,15 +9,21 @@ Sablayrolles, "TAN without a burn: scaling laws of DP-SGD" (arXiv 2210.03403).
 from tramontane.accounting.accountants import (
     ACCOUNTANTS,
     DEFAULT_PLD_DISCRETIZATION,
+    PLD_MAX_POINTS,
     RDP_ORDERS,
     Accountant,
     LedgerLike,
     NoiseCalibration,
+    PldTooLargeError,
     PrivacySpent,
     calibrate_noise_multiplier,
+    check_pld_size,
     delta,
     epsilon,
     ledger_events,
+    pld_of,
+    pld_points,
+    pld_self_compose,
     privacy_spent,
     rdp_curve,
 )
@@ -55,14 +61,14 @@ from tramontane.accounting.tan import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "DEFAULT_PLD_DISCRETIZATION", "LEDGER_FORMAT", "LEDGER_VERSION", "PRIVACY_WALL_SIGMA",
-    "RDP_ORDERS", "SIMULATION_LABEL", "SWEET_SPOT_SIGMA",
+    "ACCOUNTANTS", "DEFAULT_PLD_DISCRETIZATION", "LEDGER_FORMAT", "LEDGER_VERSION", "PLD_MAX_POINTS",
+    "PRIVACY_WALL_SIGMA", "RDP_ORDERS", "SIMULATION_LABEL", "SWEET_SPOT_SIGMA",
     "Accountant", "DpSgdEvent", "DpSgdSetting", "EpsilonDeltaEvent", "GaussianEvent", "LedgerLike",
-    "NoiseCalibration", "PrivacyEvent", "PrivacyLedger", "PrivacySpent", "SimulatedSetting", "TanPlan",
-    "TanReport",
-    "calibrate_noise_multiplier", "delta", "epochs_for_steps", "eps_tan", "epsilon", "eta", "eta_for_eps_tan",
+    "NoiseCalibration", "PldTooLargeError", "PrivacyEvent", "PrivacyLedger", "PrivacySpent", "SimulatedSetting",
+    "TanPlan", "TanReport",
+    "calibrate_noise_multiplier", "check_pld_size", "delta", "epochs_for_steps", "eps_tan", "epsilon", "eta", "eta_for_eps_tan",
     "eta_step", "event_from_dict", "ledger_events", "max_steps_within_budget", "noise_multiplier_for_batch",
-    "plan_constant_tan", "privacy_spent",
+    "plan_constant_tan", "pld_of", "pld_points", "pld_self_compose", "privacy_spent",
     "rdp_curve", "scale_batch_and_noise", "scale_batch_and_steps", "simulated_setting", "tan_report",
     "total_amount_of_noise",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tramontane.accounting.accountants import Accountant, epsilon
+import math
+
+from tramontane.accounting.accountants import Accountant, PldTooLargeError, epsilon
 from tramontane.accounting.events import DpSgdEvent, PrivacyLedger
 
 
@@ -19,14 +21,18 @@ def max_steps_within_budget(
     """The largest S such that `ledger` + S steps of DP-SGD(q, sigma) is (target_epsilon, delta)-DP.
 
     Epsilon grows with S, so a binary search over S with the exact accountant gives the answer; 0 when
-    even the ledger alone (or one more step) exceeds the target.
+    even the ledger alone (or one more step) exceeds the target. With accountant "pld", step counts whose
+    PLD would exceed `PLD_MAX_POINTS` count as over budget (safe: the answer can only get smaller).
     """
 
     def spent(steps: int) -> float:
         events = list(ledger.events)
         if steps:
             events.append(DpSgdEvent(sample_rate, noise_multiplier, steps, label))
-        return epsilon(events, delta, accountant) if events else 0.0
+        try:
+            return epsilon(events, delta, accountant) if events else 0.0
+        except PldTooLargeError:
+            return math.inf
 
     if spent(1) > target_epsilon:
         return 0

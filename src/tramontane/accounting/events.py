@@ -41,35 +41,39 @@ def _as_float(value: float, name: str) -> float:
         raise PrivacyParameterError(f"{name} must be a number, got {value!r}") from exc
 
 
-def check_sample_rate(sample_rate: float) -> float:
-    """Return `sample_rate` as a float, or raise if it is not a probability."""
-    q = _as_float(sample_rate, "sample_rate")
+def check_sample_rate(sample_rate: float, name: str = "sample_rate") -> float:
+    """Return `sample_rate` as a float, or raise if it is not a probability.
+
+    `name` is what the message calls the value: the parameter, or the command-line option ("--sample-rate").
+    The other `check_*` functions take it too.
+    """
+    q = _as_float(sample_rate, name)
     if not 0.0 <= q <= 1.0:  # also rejects NaN
         raise PrivacyParameterError(
-            f"sample_rate must be in [0, 1] (expected batch size / dataset size), got {sample_rate}"
+            f"{name} must be in [0, 1] (expected batch size / dataset size), got {sample_rate}"
         )
     return q
 
 
-def check_noise_multiplier(noise_multiplier: float) -> float:
+def check_noise_multiplier(noise_multiplier: float, name: str = "noise_multiplier") -> float:
     """Return `noise_multiplier` as a float, or raise if it is not a positive finite number."""
-    sigma = _as_float(noise_multiplier, "noise_multiplier")
+    sigma = _as_float(noise_multiplier, name)
     if sigma == 0.0:
         raise PrivacyParameterError(
-            "noise_multiplier=0 adds no noise, so epsilon is infinite; use a positive noise_multiplier "
-            "(calibrate one with calibrate_noise_multiplier)"
+            f"{name}=0 adds no noise, so epsilon is infinite; use a positive {name} (for a target epsilon, "
+            "`tramontane account --epsilon E` or calibrate_noise_multiplier calibrates one)"
         )
     if not (sigma > 0.0 and math.isfinite(sigma)):
-        raise PrivacyParameterError(f"noise_multiplier must be positive and finite, got {noise_multiplier}")
+        raise PrivacyParameterError(f"{name} must be positive and finite, got {noise_multiplier}")
     return sigma
 
 
-def check_count(value: int, name: str) -> int:
-    """Return `value` as an int if it is a non-negative integer (steps, releases), else raise."""
+def check_count(value: int, name: str, minimum: int = 0) -> int:
+    """Return `value` as an int if it is an integer >= `minimum` (steps, releases, sizes), else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise PrivacyParameterError(f"{name} must be an integer, got {value!r}")
-    if value < 0:
-        raise PrivacyParameterError(f"{name} must be >= 0, got {value}")
+    if value < minimum:
+        raise PrivacyParameterError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
@@ -78,21 +82,23 @@ def _check_label(label: str) -> None:
         raise PrivacyParameterError(f"an event label must be a string, got {label!r}")
 
 
-def check_delta(delta: float) -> float:
+def check_delta(delta: float, name: str = "delta") -> float:
     """Return `delta` as a float, or raise if it is not in the open interval (0, 1)."""
-    d = _as_float(delta, "delta")
+    d = _as_float(delta, name)
     if not 0.0 < d < 1.0:
         raise PrivacyParameterError(
-            f"delta must be in (0, 1), got {delta}; a common choice is delta < 1 / dataset_size"
+            f"{name} must be in (0, 1), got {delta}; a common choice is delta < 1 / dataset_size"
         )
     return d
 
 
-def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
-    """Return `epsilon` as a float, or raise if it is negative, NaN or infinite."""
+def check_epsilon(epsilon: float, name: str = "epsilon", *, positive: bool = False) -> float:
+    """Return `epsilon` as a float, or raise if it is NaN, infinite, negative or (`positive`) zero."""
     e = _as_float(epsilon, name)
+    if positive and not (e > 0.0 and math.isfinite(e)):
+        raise PrivacyParameterError(f"{name} must be finite and positive, got {epsilon}")
     if not (e >= 0.0 and math.isfinite(e)):
-        raise PrivacyParameterError(f"{name} must be a finite number >= 0, got {epsilon}")
+        raise PrivacyParameterError(f"{name} must be finite and >= 0, got {epsilon}")
     return e
 
 

@@ -94,10 +94,7 @@ def epochs_for_steps(steps: int, batch_size: int, dataset_size: int) -> int:
 
 
 def _check_batch(value: int, name: str) -> int:
-    value = check_count(value, name)
-    if value < 1:
-        raise PrivacyParameterError(f"{name} must be >= 1, got {value}")
-    return value
+    return check_count(value, name, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -186,7 +183,9 @@ def simulated_setting(reference: DpSgdSetting, batch_size: int) -> SimulatedSett
 
 @dataclass(frozen=True)
 class TanReport:
-    """Accounted epsilon next to eps_TAN; `overcharged` when sigma < 2 (the privacy wall)."""
+    """Accounted epsilon next to eps_TAN; `overcharged` when sigma < 2 (the privacy wall) and something is
+    spent. With sample rate 0 or zero steps nothing is spent: epsilon 0, `ratio` None (0 / 0), and sigma
+    overcharges nothing."""
 
     sample_rate: float
     noise_multiplier: float
@@ -197,22 +196,24 @@ class TanReport:
     total_amount_of_noise: float
     epsilon: float
     epsilon_tan: float
-    ratio: float  # epsilon / eps_TAN
+    ratio: float | None  # epsilon / eps_TAN; None when nothing is spent
     overcharged: bool
     accountant: str
 
 
 def tan_report(sample_rate: float, noise_multiplier: float, steps: int, delta: float,
                accountant: Accountant = "rdp") -> TanReport:
-    """Accounted epsilon, eps_TAN and their ratio; warns (`TramontaneWarning`) when sigma < 2."""
+    """Accounted epsilon, eps_TAN and their ratio; warns (`TramontaneWarning`) when sigma < 2 and something
+    is spent (q > 0 and S > 0)."""
     e = eta(sample_rate, noise_multiplier, steps)
-    eps = epsilon(DpSgdEvent(sample_rate, noise_multiplier, steps), delta, accountant)
+    event = DpSgdEvent(sample_rate, noise_multiplier, steps)
+    eps = epsilon(event, delta, accountant)
     e_tan = eps_tan(e, delta)
-    ratio = eps / e_tan if e_tan > 0 else (1.0 if eps == 0 else math.inf)
-    overcharged = noise_multiplier < PRIVACY_WALL_SIGMA
-    if overcharged:
+    ratio = None if event.spends_nothing else eps / e_tan
+    overcharged = noise_multiplier < PRIVACY_WALL_SIGMA and not event.spends_nothing
+    if overcharged and ratio is not None:
         warnings.warn(
-            f"noise_multiplier={noise_multiplier} < {PRIVACY_WALL_SIGMA} is behind the privacy wall: epsilon "
+            f"noise multiplier {noise_multiplier} < {PRIVACY_WALL_SIGMA} is behind the privacy wall: epsilon "
             f"{eps:.4g} is {ratio:.3g} x eps_TAN {e_tan:.4g}. Doubling batch size and noise together keeps "
             "eta and usually lowers epsilon at little accuracy cost (TAN paper, section 3.2).",
             TramontaneWarning, stacklevel=2,
@@ -264,20 +265,22 @@ def plan_constant_tan(
         batch_size_ref = round(eta_for_eps_tan(target_epsilon, delta) * guess * math.sqrt(2 / steps) * n)
         if batch_size_ref < 1:
             raise PrivacyParameterError(
-                f"target_epsilon={target_epsilon} over {steps} steps needs an expected batch below one "
-                f"example of dataset_size={n} at noise_multiplier {guess}; raise target_epsilon or use fewer "
-                "steps"
+                f"target epsilon {target_epsilon} over {steps} steps needs an expected batch below one "
+                f"example of dataset size {n} at noise multiplier {guess}; raise the target epsilon (--epsilon, "
+                "target_epsilon) or use fewer steps (--steps)"
             )
         batch_size_ref = min(batch_size_ref, n)
     b_ref = _check_batch(batch_size_ref, "batch_size_ref")
     if b_ref > n:
-        raise PrivacyParameterError(f"batch_size_ref={b_ref} exceeds dataset_size={n}")
+        raise PrivacyParameterError(f"the reference batch (--reference-batch, batch_size_ref) {b_ref} exceeds "
+                                    f"the dataset size {n}")
     calibration = calibrate_noise_multiplier(target_epsilon, delta, b_ref / n, steps, accountant)
     reference = DpSgdSetting(n, b_ref, calibration.noise_multiplier, steps)
     if reference.noise_multiplier < PRIVACY_WALL_SIGMA:
         warnings.warn(
             f"the calibrated noise_multiplier {reference.noise_multiplier:.3g} for batch {b_ref} is below "
-            f"{PRIVACY_WALL_SIGMA} (privacy wall); a larger batch_size_ref would spend the budget better",
+            f"{PRIVACY_WALL_SIGMA} (privacy wall); a larger reference batch (--reference-batch, batch_size_ref) "
+            "would spend the budget better",
             TramontaneWarning, stacklevel=2,
         )
     simulated = None

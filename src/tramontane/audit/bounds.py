@@ -47,9 +47,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld
 from scipy import stats
 
 from tramontane.accounting import (
@@ -58,11 +56,16 @@ from tramontane.accounting import (
     EpsilonDeltaEvent,
     GaussianEvent,
     LedgerLike,
-    PrivacyEvent,
     ledger_events,
+    pld_of,
 )
-from tramontane.accounting.events import check_count, check_delta, check_epsilon, check_noise_multiplier, \
-    check_sample_rate
+from tramontane.accounting.events import (
+    check_count,
+    check_delta,
+    check_epsilon,
+    check_noise_multiplier,
+    check_sample_rate,
+)
 from tramontane.errors import PrivacyParameterError
 
 
@@ -113,8 +116,8 @@ def gdp_mu(events: LedgerLike) -> tuple[float, bool]:
     """
     mechanisms, declared = split_events(events)
     if declared:
-        raise PrivacyParameterError("declared (epsilon, delta) events have no GDP parameter; use "
-                                    "mi_advantage_bound, which composes them by coupling")
+        raise PrivacyParameterError("declared (epsilon, delta) events have no GDP parameter; the coupling "
+                                    "bound covers them (mi_advantage_bound, `tramontane bounds`)")
     total, exact = 0.0, True
     for event in mechanisms:
         sigma = event.noise_multiplier
@@ -176,8 +179,9 @@ def gaussian_noise_for_epsilon(epsilon: float, delta: float) -> float:
 class PrivacyProfile:
     """delta(epsilon) of a ledger, from dp-accounting's PLD accountant, and what follows from it.
 
-    Mechanism events (DP-SGD, Gaussian) are composed once by `dp_accounting.pld.PLDAccountant`
-    (pessimistic: every delta it returns is an upper bound). Declared (epsilon_i, delta_i) events join by
+    Mechanism events (DP-SGD, Gaussian) are composed once by `accounting.pld_of`, as
+    `dp_accounting.pld.PLDAccountant` composes them (pessimistic: every delta it returns is an upper bound);
+    like the pld accountant it raises `PldTooLargeError` beyond `accounting.PLD_MAX_POINTS` grid points. Declared (epsilon_i, delta_i) events join by
     basic composition in `delta` (delta(eps) = delta_mech(eps - sum eps_i) + sum delta_i) and by maximal
     coupling in `tv`. Both neighbouring directions are covered: dp-accounting's add-or-remove delta is the
     larger of the two.
@@ -186,20 +190,17 @@ class PrivacyProfile:
     def __init__(self, events: LedgerLike, *, pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> None:
         self.mechanisms, self.declared = split_events(events)
         self.pld_discretization = pld_discretization
-        self._acc: pld.PLDAccountant | None = None
+        self._pld = pld_of(self.mechanisms, pld_discretization) if self.mechanisms else None
         self._deltas: dict[float, float] = {}  # get_delta is the costly part of trade-off curves
-        if self.mechanisms:
-            self._acc = pld.PLDAccountant(value_discretization_interval=pld_discretization)
-            self._acc.compose(dp_accounting.ComposedDpEvent([e.to_dp_event() for e in self.mechanisms]))
         self.declared_epsilon = sum(e.epsilon for e in self.declared)
         self.declared_delta = sum(e.delta for e in self.declared)
 
     def mechanism_delta(self, epsilon: float) -> float:
         """delta of the mechanism events alone at `epsilon` (0 when there are none)."""
-        if self._acc is None:
+        if self._pld is None:
             return 0.0
         if epsilon not in self._deltas:
-            self._deltas[epsilon] = min(1.0, max(0.0, float(self._acc.get_delta(epsilon))))
+            self._deltas[epsilon] = min(1.0, max(0.0, float(self._pld.get_delta_for_epsilon(epsilon))))
         return self._deltas[epsilon]
 
     def delta(self, epsilon: float) -> float:
@@ -215,8 +216,8 @@ class PrivacyProfile:
         remaining = delta - self.declared_delta
         if remaining <= 0:
             raise PrivacyParameterError(f"delta={delta} does not exceed the declared events' delta "
-                                        f"{self.declared_delta}; choose a larger delta")
-        eps = 0.0 if self._acc is None else float(self._acc.get_epsilon(remaining))
+                                        f"{self.declared_delta}; choose a larger delta (--delta)")
+        eps = 0.0 if self._pld is None else float(self._pld.get_epsilon_for_delta(remaining))
         return eps + self.declared_epsilon
 
     @property
@@ -228,9 +229,17 @@ class PrivacyProfile:
         return min(1.0, tv)
 
     def epsilon_grid(self, points: int = 40, delta_floor: float = 1e-12) -> np.ndarray:
-        """Epsilons at which the profile is evaluated for trade-off curves: 0 up to epsilon(delta_floor)."""
-        top = self.epsilon(max(delta_floor, self.declared_delta * 1.001 + 1e-15)) if self._acc else 0.0
-        top = max(top, self.declared_epsilon) + 1e-9
+        """Epsilons at which the profile is evaluated for trade-off curves: 0 up to epsilon(delta_floor).
+
+        Where the PLD certifies no finite epsilon at `delta_floor` (floating-point mass left over after
+        billions of compositions), the floor is raised tenfold until it does, up to 1e-3: any grid is valid.
+        """
+        floor = max(delta_floor, self.declared_delta * 1.001 + 1e-15)
+        top = self.epsilon(floor) if self._pld else 0.0
+        while not math.isfinite(top) and floor < 1e-3:
+            floor *= 10
+            top = self.epsilon(floor)
+        top = (max(top, self.declared_epsilon) if math.isfinite(top) else self.declared_epsilon) + 1e-9
         return np.unique(np.concatenate([[0.0, self.declared_epsilon], np.linspace(0.0, top, points)]))
 
     def tpr_bound(self, fpr: float | Sequence[float] | np.ndarray,
@@ -240,11 +249,14 @@ class PrivacyProfile:
         For every epsilon the profile gives TPR <= e^eps FPR + delta(eps) (flagged set) and, from the other
         direction applied to the complement, TPR <= 1 - e^-eps (1 - FPR - delta(eps)); the bound is the
         minimum over `epsilons` (default `epsilon_grid()`), valid for any grid and tight as it refines.
+        Epsilons above 700 are skipped: e^eps overflows, and leaving grid points out only loosens the bound.
         """
         alpha = np.clip(np.asarray(fpr, dtype=float), 0.0, 1.0)
         grid = self.epsilon_grid() if epsilons is None else np.asarray(epsilons, dtype=float)
         best = np.ones_like(alpha)
         for eps in grid:
+            if eps > 700:
+                continue
             d = self.delta(float(eps))
             if d >= 1.0:
                 continue

@@ -33,7 +33,10 @@ from tramontane.accounting import (
     LEDGER_FORMAT,
     DpSgdEvent,
     LedgerLike,
+    PldTooLargeError,
     PrivacyLedger,
+    check_pld_size,
+    pld_self_compose,
 )
 from tramontane.audit.bounds import (
     PrivacyProfile,
@@ -62,6 +65,8 @@ def privacy_card(ledger: LedgerLike, delta: float, schema: Any = None, audit: An
         audit: a `SynthAudit` (its `summary()`) or a mapping with empirical_epsilon, empirical_epsilon_low,
             empirical_epsilon_high and optionally theoretical_epsilon, theoretical_over_empirical, method.
         pld_discretization: of the PLD accountant (the ledger's default; coarser is faster and looser).
+
+    Raises `accounting.PldTooLargeError` when the ledger's PLD would exceed `accounting.PLD_MAX_POINTS`.
     """
     profile = PrivacyProfile(ledger, pld_discretization=pld_discretization)
     events = profile.mechanisms + profile.declared
@@ -99,8 +104,23 @@ def ledger_bounds(ledger: LedgerLike, delta: float, num_values: int | None = Non
     """`privacy_card` of the ledger plus, with `num_values` = M, its reconstruction bounds (keys
     reconstruction_bound = the smallest valid one, reconstruction_bound_rdp,
     reconstruction_bound_epsilon_delta, reconstruction_chance = 1/M) and, for a ledger of Gaussian / DP-SGD
-    events, the GDP closed form (exact for Gaussian releases, a CLT approximation for DP-SGD)."""
-    out = privacy_card(ledger, delta)
+    events, the GDP closed form (exact for Gaussian releases, a CLT approximation for DP-SGD).
+
+    Raises `PldTooLargeError` (a `PrivacyParameterError`) when the ledger's PLD exceeds
+    `accounting.PLD_MAX_POINTS`, naming its RDP epsilon: the membership and confidence bounds need the PLD.
+    """
+    try:
+        out = privacy_card(ledger, delta)
+    except PldTooLargeError as err:
+        eps = accounting.epsilon(ledger, delta, "rdp")
+        try:
+            mu, _ = gdp_mu(ledger)
+            gdp = f"; the GDP approximation puts the membership advantage at {gaussian_tv(mu):.4g}"
+        except PrivacyParameterError:
+            gdp = ""
+        raise PldTooLargeError(
+            f"the membership and confidence bounds need this ledger's privacy loss distribution: {err}. "
+            f"Its RDP epsilon at delta={delta:g} is {eps:.6g}{gdp}") from None
     try:
         mu, exact = gdp_mu(ledger)
         out["mi_advantage_gdp" if exact else "mi_advantage_gdp_approximation"] = gaussian_tv(mu)
@@ -144,9 +164,11 @@ def bound_curves(sample_rate: float, noise_multiplier: float, steps: int, delta:
     """MI advantage bound, its naive counterpart, epsilon and reconstruction bounds after s steps of DP-SGD,
     for s on a grid up to `steps`. One step's privacy loss distribution is built once with dp-accounting's
     public `from_gaussian_mechanism` (as its PLD accountant does, pessimistic) and self-composed for each s;
-    the discretisation is coarser than the card's: these are for plotting."""
+    the discretisation is coarser than the card's: these are for plotting. Refuses (`PldTooLargeError`)
+    beyond `accounting.PLD_MAX_POINTS`, as the pld accountant does."""
     from dp_accounting.pld import privacy_loss_distribution
 
+    check_pld_size(DpSgdEvent(sample_rate, noise_multiplier, steps), pld_discretization)
     grid = np.unique(np.linspace(0, steps, points + 1).round().astype(int))[1:]
     out: dict[str, Any] = {"steps": grid.tolist(), "epsilon": [], "mi_advantage_bound": [],
                            "mi_advantage_naive": [], "reconstruction": {str(m): [] for m in num_values}}
@@ -155,7 +177,7 @@ def bound_curves(sample_rate: float, noise_multiplier: float, steps: int, delta:
         sampling_prob=sample_rate)
     orders, rdp_step = accounting.rdp_curve(DpSgdEvent(sample_rate, noise_multiplier, 1))  # RDP adds up
     for s in grid:
-        composed = one_step.self_compose(int(s))
+        composed = pld_self_compose(one_step, int(s))
         eps = float(composed.get_epsilon_for_delta(delta))
         out["epsilon"].append(eps)
         out["mi_advantage_bound"].append(min(1.0, float(composed.get_delta_for_epsilon(0.0))))
