@@ -4,14 +4,29 @@ Runs inside the baselines' own venv (`.bench/pgm-venv`), which has no tramontane
 
     python _pgm_worker.py JOB_DIR
 
-JOB_DIR/job.json: {"method", "epsilon", "delta", "seed", "n_values": [per column], "options": {...}}
+JOB_DIR/job.json: {"method", "epsilon", "delta", "seed", "n_values": [per column], "options": {...},
+"sampler": "sample" | "round" | "both"}
 JOB_DIR/train_ids.npy: int [N, d], each cell's category/bin id under the public schema.
-Writes JOB_DIR/synthetic_ids.npy (int [N, d]) and JOB_DIR/result.json (seconds, domain used).
+Writes JOB_DIR/synthetic_ids.npy (int [N, d]; with "both", the "sample" rows, and the "round" rows from the
+same fit in JOB_DIR/synthetic_ids_round.npy) and JOB_DIR/result.json (seconds, domain used, sampler).
 
 The public domain is fixed, not learnt from the private rows: every column is a snsynth `LabelTransformer`
 fitted on the public value ids 0 .. n_values-1 alone (so it is the identity map and its cardinality is the
 schema's), and the already fitted `TableTransformer` is handed to `fit(transformer=...)`, which then neither
 looks at the data to build the domain nor spends budget on preprocessing (preprocessor_eps=0).
+
+Sampling (sampler "sample", the default): rows are drawn i.i.d. from the fitted model. snsynth's own
+`AIMSynthesizer.sample` / `MSTSynthesizer.sample` call mbi's `MarkovRandomField.synthetic_data(rows)`, whose
+default method in mbi 1.1.0 (the release smartnoise-synth 1.0.8 gets: it pins mbi<2) is "round": within a
+group of rows that share their parents' values it hands out a child's values by the rows' position in the
+group, without shuffling, so two columns sampled under the same parents come out co-monotone (every 1-way
+marginal stays right; the 2- and 3-way ones do not). "sample" draws each child independently given its
+parents. The worker asks for it through public attributes: the fitted mbi model snsynth keeps as
+`synth.synthesizer`, `synthetic_data(rows, method="sample")` on it, then what snsynth's `sample` does next
+(MST: `synth.undo_compress_fn`, which maps its compressed domain back; both: columns `col0..` in order and
+the transformer's `inverse_transform`). Sampler "round" is snsynth's `sample()` unchanged: it is kept
+only to reproduce the broken numbers; "both" samples both ways from one fit, which isolates the sampler
+(snsynth draws its measurement noise from OpenDP's generator, which no seed reaches, so two fits differ).
 """
 
 from __future__ import annotations
@@ -43,6 +58,22 @@ def public_transformer(n_values: list[int]):
     return transformer, columns
 
 
+SAMPLERS = ("sample", "round")
+
+
+def sample_rows(synth, method: str, sampler: str, n: int, transformer, n_columns: int) -> np.ndarray:
+    """n synthetic rows (int [n, d], public value ids) from a fitted snsynth AIM/MST synthesizer."""
+    if sampler == "round":  # snsynth's own sample(): mbi 1.1's default "round" (co-monotone siblings)
+        out = synth.sample(n)
+    else:
+        data = synth.synthesizer.synthetic_data(rows=n, method="sample")  # mbi MarkovRandomField, i.i.d.
+        if method == "mst":
+            data = synth.undo_compress_fn(data)  # MST's compressed domain back to the full one
+        names = [f"col{j}" for j in range(n_columns)]  # snsynth's own column names, in transformer order
+        out = transformer.inverse_transform([tuple(r) for r in data.df[names].to_numpy()])
+    return np.asarray(pd.DataFrame(out).to_numpy(), dtype=np.int64)
+
+
 class TimestampedLines:
     """A stdout wrapper that prefixes every line with the seconds since start, so a log shows AIM's pace."""
 
@@ -71,7 +102,8 @@ def main(job_dir: str) -> None:
     job = json.loads((job_dir / "job.json").read_text())
     ids = np.load(job_dir / "train_ids.npy")
     random.seed(job["seed"])
-    np.random.seed(job["seed"])  # private-pgm draws its noise and samples from numpy's global generator
+    # numpy's global generator drives selection and sampling; the measurement noise is OpenDP's (unseeded)
+    np.random.seed(job["seed"])
     transformer, columns = public_transformer(job["n_values"])
     df = pd.DataFrame(ids, columns=columns)
 
@@ -83,13 +115,20 @@ def main(job_dir: str) -> None:
                                **options)
     synth.fit(df, transformer=transformer, categorical_columns=columns, preprocessor_eps=0.0)
     fit_s = time.perf_counter() - start
-    out = synth.sample(len(df))
+    sampler = job.get("sampler", "sample")
+    if sampler not in (*SAMPLERS, "both"):
+        raise ValueError(f"sampler must be one of {SAMPLERS} or 'both', got {sampler!r}")
+    out = sample_rows(synth, job["method"], "sample" if sampler == "both" else sampler, len(df), transformer,
+                      len(columns))
     sample_s = time.perf_counter() - start - fit_s
-    out = np.asarray(pd.DataFrame(out, columns=columns).to_numpy(), dtype=np.int64)
+    assert out.shape == ids.shape, (out.shape, ids.shape)
     np.save(job_dir / "synthetic_ids.npy", out)
+    if sampler == "both":  # the broken sampler on the same fitted model, for the comparison
+        np.save(job_dir / "synthetic_ids_round.npy",
+                sample_rows(synth, job["method"], "round", len(df), transformer, len(columns)))
     (job_dir / "result.json").write_text(json.dumps({
         "fit_seconds": fit_s, "sample_seconds": sample_s, "epsilon_used": float(synth.epsilon),
-        "domain": transformer.cardinality}))
+        "domain": transformer.cardinality, "sampler": sampler}))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,39 @@
 """DP synthetic Adult: tramontane (defaults of `tramontane synth`) against AIM and MST (private-pgm).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth.py [--epsilons 1 3 10] [--methods tramontane aim mst]
-        [--rows N] [--seed 0] [--max-minutes 60] [--aim-rounds R] [--aim-max-model-size MB]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth.py [--epsilons 1 3 10]
+        [--methods tramontane aim mst independent] [--rows N] [--seed 0] [--max-minutes 60]
+        [--aim-rounds 40] [--aim-max-model-size MB] [--pgm-sampler sample|round|both]
 
 Private table: Adult train (optionally a seeded subsample of --rows rows); held out: Adult test; target
 "income"; delta 1e-5. Every method sees the same PUBLIC schema (`adult_schema()`): the baselines get the
 rows as the schema's value ids (numeric columns as its 100 bins, categoricals as category indices) with the
 full public domain fixed (see `_pgm_worker.py`), preprocessor_eps = 0; every method's output is turned into
-value ids and decoded with `schema.frame_from_value_ids`, so all are evaluated identically by
-`tramontane.report.utility.evaluate_synthetic` (1/2/3-way marginal TVD, ML efficacy of HistGradientBoosting
-and logistic regression trained on synthetic and tested on real test, exact-match share; held-out NLL per row
-for tramontane, the only method with a likelihood here).
+value ids and decoded with `schema.frame_from_value_ids`, so all are evaluated identically.
+
+Methods:
+- tramontane: `SynthConfig()`, what `tramontane synth` uses without flags.
+- aim, mst: private-pgm's, via smartnoise-synth, sampled i.i.d. from the fitted model (`--pgm-sampler
+  sample`; `round` is snsynth's own `sample()`, whose mbi 1.1 sampler makes sibling columns co-monotone:
+  kept only to reproduce that failure, see `_pgm_worker.py`; `both` samples one fit both ways and adds
+  the rows `aim-round` / `mst-round`, which isolates the sampler). AIM runs with `rounds=40` by default
+  (`--aim-rounds`; 0 = snsynth's default of 16 x columns = 240, which spends 1/240 of the budget per
+  measurement and did not finish full Adult in 30 min on 2 cores; 40 finished at epsilon 1, 3 and 10).
+- independent: the independent-marginals floor, `independent_marginals_baseline` at the same epsilon
+  (Laplace-noised 1-way marginals, pure epsilon-DP, columns drawn independently). It always runs, first.
+
+Scoring (identical for every method): mean TVD over all 1-, 2- and 3-way marginals under two binnings,
+side by side: the schema's own value ids ("schema": numeric columns in its 100 bins) and 10 quantile bins
+per numeric column fitted on real train ("q10", `MarginalBins.fit(train, schema, 10)`, which does not
+depend on our discretisation); ML efficacy of HistGradientBoosting and logistic regression trained on
+synthetic and tested on real test; exact-match share; held-out NLL per row for tramontane, the only method
+with a likelihood here (`tramontane.report.utility.evaluate_synthetic`). The held-out real test table is
+scored the same way as a reference row.
+
+The floor check: a method whose 2-way TVD is not below the independent floor's under both binnings has a
+joint no better than independent columns, the signature of a broken sampler or fit. A baseline (AIM, MST)
+that fails it is REFUSED: its numbers are neither printed in the table nor used in a ratio, and the reason
+is printed instead, so a broken baseline can never make tramontane look good. tramontane failing it is
+printed and compared all the same, marked "below floor" with the reason: that can only make it look worse.
 
 Each (method, epsilon) runs alone in a subprocess: wall time is the subprocess's (imports included; fit and
 sample times are reported separately), peak memory its max RSS from wait4. AIM and MST pin old packages, so
@@ -18,9 +41,10 @@ they run in their own venv (default `.bench/pgm-venv`), which this script create
 `python3 -m venv`, `pip install torch==2.13.0` (the CPU wheel, so pip does not pull a CUDA torch), then
 `pip install smartnoise-synth`.
 
-The last line is one JSON object: per epsilon and method the figures, and per epsilon `tvd3_vs_aim`
-(tramontane / AIM 3-way TVD, < 1 is better) and `auc_vs_aim` (tramontane - AIM ROC AUC, per classifier;
-> 0 is better).
+The last line is one JSON object: per epsilon and method the figures (a refused baseline carries `refused`,
+a tramontane below the floor `below_floor`: why), per epsilon every floor-check failure, and, where AIM is
+not refused, `tvd3_vs_aim` (tramontane / AIM 3-way TVD per binning, < 1 is better) and `auc_vs_aim`
+(tramontane - AIM ROC AUC, per classifier; > 0 is better).
 """
 
 from __future__ import annotations
@@ -36,13 +60,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".bench" / "pgm-venv"
 PGM_TORCH = "torch==2.13.0"
 DELTA = 1e-5
 TARGET = "income"
-METHODS = ("tramontane", "aim", "mst")
+FLOOR = "independent"  # the independent-marginals floor every other method must beat on 2-way TVD
+METHODS = ("tramontane", "aim", "mst", FLOOR)
+PGM_METHODS = ("aim", "mst")
+SAMPLERS = ("sample", "round", "both")  # both: one fit sampled both ways, rows "aim" and "aim-round"
+DEFAULT_AIM_ROUNDS = 40  # the strongest setting that finished full Adult at every epsilon inside 30 min
+QUANTILE_BINS = 10
+BINNINGS = ("schema", f"q{QUANTILE_BINS}")  # the schema's value ids; quantile bins fitted on real train
 CLASSIFIERS = ("hist_gbdt", "logistic")
 
 
@@ -62,7 +93,8 @@ def load_tables(rows: int | None, seed: int):
 def ensure_pgm_venv(venv: Path) -> Path:
     """The venv's python, creating the venv (torch CPU wheel first, then smartnoise-synth) if missing."""
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import snsynth"], capture_output=True).returncode == 0:
+    probe = [str(python), "-c", "import snsynth"]
+    if python.exists() and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
         return python
     print(f"creating the baselines' venv at {venv} (a few minutes)", flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +113,7 @@ def pgm_versions(python: Path) -> dict[str, str]:
     code = ("import importlib.metadata as m, json\nv = {}\n"
             "for p in ('smartnoise-synth', 'private-pgm', 'mbi', 'torch', 'jax', 'numpy', 'pandas'):\n"
             "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))")
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    out = subprocess.run([str(python), "-c", code], check=False, capture_output=True, text=True)
     return json.loads(out.stdout) if out.returncode == 0 else {}
 
 
@@ -129,17 +161,35 @@ def tramontane_worker(job_dir: Path) -> None:
         "noise_multiplier": s.noise_multiplier}))
 
 
+def independent_worker(job_dir: Path) -> None:
+    """The floor: columns drawn independently from epsilon-DP (Laplace) 1-way marginals, as many rows."""
+    from tramontane.report.metrics import independent_marginals_baseline
+
+    job = json.loads((job_dir / "job.json").read_text())
+    schema, train, _ = load_tables(job["rows"], job["seed"])
+    start = time.perf_counter()
+    sample = independent_marginals_baseline(train, schema, len(train), np.random.default_rng(job["seed"]),
+                                            epsilon=job["epsilon"])
+    np.save(job_dir / "synthetic_ids.npy", schema.value_ids(sample))
+    (job_dir / "result.json").write_text(json.dumps({"fit_seconds": time.perf_counter() - start,
+                                                     "sample_seconds": 0.0}))
+
+
+WORKERS = {"tramontane": tramontane_worker, FLOOR: independent_worker}
+
+
 def run_method(method: str, epsilon: float, args, schema, train, pgm_python: Path | None, work: Path) -> dict:
     job_dir = work / f"{method}-eps{epsilon:g}"
     job_dir.mkdir(parents=True, exist_ok=True)
     job = {"method": method, "epsilon": epsilon, "delta": DELTA, "seed": args.seed, "rows": args.rows}
-    if method == "tramontane":
+    if method in WORKERS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_dir)]
     else:
         job["n_values"] = [spec.n_values for spec in schema.columns]
+        job["sampler"] = args.pgm_sampler
         options = {}
         if method == "aim":
-            if args.aim_rounds is not None:
+            if args.aim_rounds > 0:
                 options["rounds"] = args.aim_rounds
             if args.aim_max_model_size is not None:
                 options["max_model_size"] = args.aim_max_model_size
@@ -158,23 +208,49 @@ def run_method(method: str, epsilon: float, args, schema, train, pgm_python: Pat
 
 # -- evaluation (identical for every method) -------------------------------------------------------------
 
-def evaluate(schema, train, test, job_dir: Path) -> dict:
+def tvd_by_binning(schema, train, other, q_bins) -> dict[str, dict[int, float]]:
+    """Mean 1/2/3-way TVD of `other` against real `train` under each binning in BINNINGS.
+
+    "schema": every column as the schema's value ids (numbers in its bins), compared as categories.
+    "q10": numbers in the quantile bins `q_bins` fitted on real train, categories as they are.
+    """
+    from tramontane.report.metrics import MarginalBins, marginal_tvd
+
+    def ids(df):  # categorical dtype: marginal_tvd compares the ids as categories, not as numbers
+        return pd.DataFrame(schema.value_ids(df), columns=schema.names).astype("category")
+
+    by_ids = marginal_tvd(ids(train), ids(other), bins=MarginalBins({}), orders=(1, 2, 3))
+    by_quantiles = marginal_tvd(train, other, schema=schema, bins=q_bins, orders=(1, 2, 3))
+    return dict(zip(BINNINGS, (by_ids.mean, by_quantiles.mean)))
+
+
+def summarise_tvd(tvd: dict[str, dict[int, float]]) -> dict[str, float]:
+    """{binning: {k: tvd}} as the flat keys summarise() uses: tvd{k}_{binning}."""
+    return {f"tvd{k}_{b}": v for b, per_k in tvd.items() for k, v in per_k.items()}
+
+
+def evaluate(schema, train, test, q_bins, job_dir: Path, rows: str = "synthetic_ids.npy") -> dict:
     from tramontane.report.utility import evaluate_synthetic
 
-    synthetic = schema.frame_from_value_ids(np.load(job_dir / "synthetic_ids.npy"))
+    synthetic = schema.frame_from_value_ids(np.load(job_dir / rows))
     ll_path = job_dir / "test_ll.npy"
     ll = np.load(ll_path) if ll_path.exists() else None
-    return evaluate_synthetic(train, synthetic, schema, test, TARGET, ll, threads=1)
+    ev = evaluate_synthetic(train, synthetic, schema, test, TARGET, ll, threads=1)
+    return {**ev, "tvd_by_binning": tvd_by_binning(schema, train, synthetic, q_bins)}
 
 
 def summarise(run: dict, ev: dict | None) -> dict:
     out = {k: run.get(k) for k in ("wall_seconds", "fit_seconds", "sample_seconds", "peak_rss_mib", "options")}
+    if "sampler" in run:
+        out["sampler"] = run["sampler"]
     if "epsilon_rdp" in run:
         out.update({k: run[k] for k in ("epsilon_rdp", "epsilon_pld", "batch_size", "steps", "noise_multiplier")})
     if ev is None:
         out["failed"] = "timed out" if run.get("timed_out") else f"exit {run.get('returncode')}"
         return out
-    out.update({f"tvd{k}": ev["tvd"][f"{k}-way"] for k in (1, 2, 3)})
+    out.update(summarise_tvd(ev["tvd_by_binning"]))
+    # evaluate_synthetic's own 20 quantile bins, the binning of the withdrawn figures (JSON only)
+    out.update({f"tvd{k}_q20": ev["tvd"][f"{k}-way"] for k in (1, 2, 3)})
     for clf in CLASSIFIERS:
         scores = ev["ml_efficacy"]["scores"][clf]
         out[f"{clf}_acc"], out[f"{clf}_auc"] = scores["synthetic"]["accuracy"], scores["synthetic"]["roc_auc"]
@@ -185,79 +261,164 @@ def summarise(run: dict, ev: dict | None) -> dict:
     return out
 
 
+def is_baseline(name: str) -> bool:
+    return name.removesuffix("-round") in PGM_METHODS
+
+
+def floor_check(per: dict[str, dict]) -> dict[str, str]:
+    """Why each method of one epsilon fails the check: its 2-way TVD is not below the independent floor's
+    under every binning (or there is no floor to check against). Failed runs and the floor are not checked."""
+    floor = per.get(FLOOR)
+    refused = {}
+    for method, r in per.items():
+        if method == FLOOR or "failed" in r:
+            continue
+        if floor is None or "failed" in floor:
+            refused[method] = "no independent-marginals floor at this epsilon to check its 2-way TVD against"
+            continue
+        losing = [b for b in BINNINGS if not r[f"tvd2_{b}"] < floor[f"tvd2_{b}"]]
+        if losing:
+            figures = ", ".join(f"{r[f'tvd2_{b}']:.4f} vs {floor[f'tvd2_{b}']:.4f} ({b} bins)" for b in losing)
+            refused[method] = (f"2-way TVD not below the independent-marginals floor's: {figures}; a joint no "
+                               "better than independent columns is the signature of a broken sampler or fit")
+    return refused
+
+
+def apply_floor_check(per: dict[str, dict]) -> dict[str, str]:
+    """floor_check, recorded on the rows: a failing baseline gets `refused`, tramontane `below_floor`."""
+    failures = floor_check(per)
+    for name, why in failures.items():
+        per[name]["refused" if is_baseline(name) else "below_floor"] = why
+    return failures
+
+
+def ratios_vs_aim(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """tramontane against AIM per epsilon, where both ran and neither is refused."""
+    out: dict[str, dict] = {"tvd3_vs_aim": {}, "auc_vs_aim": {}}
+    for eps, per in results.items():
+        ours, aim = per.get("tramontane"), per.get("aim")
+        if not ours or not aim or any("failed" in r or "refused" in r for r in (ours, aim)):
+            continue
+        out["tvd3_vs_aim"][eps] = {b: ours[f"tvd3_{b}"] / aim[f"tvd3_{b}"] for b in BINNINGS}
+        out["auc_vs_aim"][eps] = {clf: ours[f"{clf}_auc"] - aim[f"{clf}_auc"] for clf in CLASSIFIERS}
+    return out
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_table(results: dict) -> None:
-    head = (f"{'eps':>4} {'method':<10} {'tvd1':>6} {'tvd2':>6} {'tvd3':>6} {'gbdt acc':>8} {'gbdt auc':>8} "
+def tvd_cells(r: dict) -> str:
+    return " ".join(f"{r[f'tvd{k}_{b}']:6.4f}" for b in BINNINGS for k in (1, 2, 3))
+
+
+def progress_line(eps: str, name: str, r: dict) -> str:
+    if "failed" in r:
+        status = "FAILED"
+    elif "refused" in r:
+        status = f"REFUSED: {r['refused']}"
+    else:
+        status = ("BELOW FLOOR: " if "below_floor" in r else "") + (
+            " ".join(f"tvd{k} {r[f'tvd{k}_{BINNINGS[0]}']:.4f} / {r[f'tvd{k}_{BINNINGS[1]}']:.4f}" for k in (2, 3))
+            + f" ({' / '.join(BINNINGS)})  gbdt auc {fmt(r['hist_gbdt_auc'], '.4f')}  "
+            f"lr auc {fmt(r['logistic_auc'], '.4f')}")
+    return f"  eps={eps} {name}: {status}  {r['wall_seconds']:.0f} s"
+
+
+def print_table(results: dict, held_out: dict) -> None:
+    tvd_head = " ".join(f"{f'tvd{k} {b[:3]}':>6}" for b in BINNINGS for k in (1, 2, 3))
+    head = (f"{'eps':>4} {'method':<11} {tvd_head} {'gbdt acc':>8} {'gbdt auc':>8} "
             f"{'lr acc':>6} {'lr auc':>6} {'exact':>6} {'nll':>6} {'wall s':>7} {'peak MiB':>8}")
+    print(f"TVD: mean over all k-way marginals; 'sch' = the schema's bins, '{BINNINGS[1]}' = {QUANTILE_BINS} "
+          "quantile bins per numeric column fitted on real train")
     print(head)
     print("-" * len(head))
     for eps, per in results.items():
         for method, r in per.items():
             if "failed" in r:
-                print(f"{eps:>4} {method:<10} FAILED: {r['failed']} after {r['wall_seconds']:.0f} s")
+                print(f"{eps:>4} {method:<11} FAILED: {r['failed']} after {r['wall_seconds']:.0f} s")
                 continue
-            print(f"{eps:>4} {method:<10} {r['tvd1']:6.4f} {r['tvd2']:6.4f} {r['tvd3']:6.4f} "
+            if "refused" in r:
+                print(f"{eps:>4} {method:<11} REFUSED: {r['refused']}")
+                continue
+            if "below_floor" in r:
+                print(f"{eps:>4} {method:<11} BELOW FLOOR (still printed and compared): {r['below_floor']}")
+            print(f"{eps:>4} {method:<11} {tvd_cells(r)} "
                   f"{r['hist_gbdt_acc']:8.4f} {fmt(r['hist_gbdt_auc'], '8.4f')} {r['logistic_acc']:6.4f} "
                   f"{fmt(r['logistic_auc'], '6.4f')} {r['exact_match_share']:6.4f} "
                   f"{fmt(r.get('heldout_nll_per_row'), '6.2f')} {r['wall_seconds']:7.0f} {r['peak_rss_mib']:8.0f}")
         ref = next((r for r in per.values() if "failed" not in r), None)
         if ref:
-            print(f"{eps:>4} {'real':<10} {'':>6} {'':>6} {'':>6} {ref['hist_gbdt_acc_real']:8.4f} "
-                  f"{fmt(ref['hist_gbdt_auc_real'], '8.4f')} {ref['logistic_acc_real']:6.4f} "
-                  f"{fmt(ref['logistic_auc_real'], '6.4f')}   (train on real)")
+            print(f"{eps:>4} {'real':<11} {'':<{7 * len(BINNINGS) * 3 - 1}} "
+                  f"{ref['hist_gbdt_acc_real']:8.4f} {fmt(ref['hist_gbdt_auc_real'], '8.4f')} "
+                  f"{ref['logistic_acc_real']:6.4f} {fmt(ref['logistic_auc_real'], '6.4f')}   (train on real)")
+    print(f"{'-':>4} {'held-out':<11} {tvd_cells(held_out)}   (real test rows against real train)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 10.0])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help=f"'{FLOOR}' (the floor every method is checked against) always runs")
     p.add_argument("--rows", type=int, default=None, help="seeded subsample of the private table (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=60.0, help="kill one method's run after this long")
-    p.add_argument("--aim-rounds", type=int, default=None, help="AIM rounds (snsynth default: 16 x columns)")
+    p.add_argument("--aim-rounds", type=int, default=DEFAULT_AIM_ROUNDS,
+                   help="AIM's rounds (sets its per-measurement budget); 0: snsynth's default, 16 x columns")
     p.add_argument("--aim-max-model-size", type=float, default=None, help="AIM model size cap, MB (default 80)")
+    p.add_argument("--pgm-sampler", choices=SAMPLERS, default="sample",
+                   help="AIM/MST sampling: i.i.d. from the model; snsynth's sample() (broken, co-monotone); "
+                        "both, from one fit (adds rows aim-round, mst-round)")
     p.add_argument("--pgm-venv", type=Path, default=DEFAULT_VENV)
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here (default: a temp dir)")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
-        tramontane_worker(args.worker)
+        WORKERS[json.loads((args.worker / "job.json").read_text())["method"]](args.worker)
         return
+    if args.aim_rounds < 0:
+        p.error("--aim-rounds must be >= 0")
+    methods = [FLOOR] + [m for m in dict.fromkeys(args.methods) if m != FLOOR]  # the floor first, always
+
+    from tramontane.report.metrics import MarginalBins
 
     schema, train, test = load_tables(args.rows, args.seed)
-    pgm_python = ensure_pgm_venv(args.pgm_venv) if set(args.methods) - {"tramontane"} else None
+    q_bins = MarginalBins.fit(train, schema, QUANTILE_BINS)
+    held_out = summarise_tvd(tvd_by_binning(schema, train, test, q_bins))
+    pgm_python = ensure_pgm_venv(args.pgm_venv) if set(methods) & set(PGM_METHODS) else None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tramontane-synth-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"Adult: {len(train)} private rows, {len(test)} held out; delta {DELTA:g}; seed {args.seed}; "
+          f"AIM rounds {args.aim_rounds or 'snsynth default'}; AIM/MST sampler {args.pgm_sampler}; "
           f"cpus {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; files in {work}", flush=True)
     results: dict[str, dict[str, dict]] = {}
+    floor_failures: dict[str, dict[str, str]] = {}
     for eps in args.epsilons:
         per = results.setdefault(f"{eps:g}", {})
-        for method in args.methods:
+        for method in methods:
             load = os.getloadavg()[0]
             run = run_method(method, eps, args, schema, train, pgm_python, work)
-            ev = None if run.get("failed") else evaluate(schema, train, test, work / f"{method}-eps{eps:g}")
-            per[method] = {**summarise(run, ev), "load_before": load}
-            r = per[method]
-            print(f"  eps={eps:g} {method}: " + ("FAILED" if "failed" in r else
-                  f"tvd3 {r['tvd3']:.4f}  gbdt auc {fmt(r['hist_gbdt_auc'], '.4f')}  "
-                  f"lr auc {fmt(r['logistic_auc'], '.4f')}") + f"  {r['wall_seconds']:.0f} s", flush=True)
+            job_dir = work / f"{method}-eps{eps:g}"
+            rows = {method: "synthetic_ids.npy"}
+            if method in PGM_METHODS and args.pgm_sampler == "both":
+                rows[f"{method}-round"] = "synthetic_ids_round.npy"  # the same fit, snsynth's sample()
+            for name, path in rows.items():
+                ev = None if run.get("failed") else evaluate(schema, train, test, q_bins, job_dir, path)
+                per[name] = r = {**summarise(run, ev), "load_before": load}
+                if name.endswith("-round"):
+                    r["sampler"] = "round"
+                if name != FLOOR:
+                    apply_floor_check({FLOOR: per[FLOOR], name: r})
+                print(progress_line(f"{eps:g}", name, r), flush=True)
+        floor_failures[f"{eps:g}"] = floor_check(per)  # every failure, refused or only marked
     print()
-    print_table(results)
-
-    vs_aim: dict[str, dict] = {"tvd3_vs_aim": {}, "auc_vs_aim": {}}
-    for eps, per in results.items():
-        ours, aim = per.get("tramontane"), per.get("aim")
-        if ours and aim and "failed" not in ours and "failed" not in aim:
-            vs_aim["tvd3_vs_aim"][eps] = ours["tvd3"] / aim["tvd3"]
-            vs_aim["auc_vs_aim"][eps] = {clf: ours[f"{clf}_auc"] - aim[f"{clf}_auc"] for clf in CLASSIFIERS}
+    print_table(results, held_out)
     print(json.dumps({"benchmark": "synth", "dataset": "adult", "rows": len(train), "test_rows": len(test),
-                      "delta": DELTA, "seed": args.seed, "cpus": os.cpu_count(),
+                      "delta": DELTA, "seed": args.seed, "cpus": os.cpu_count(), "aim_rounds": args.aim_rounds,
+                      "pgm_sampler": args.pgm_sampler, "quantile_bins": QUANTILE_BINS,
                       "pgm_versions": pgm_versions(pgm_python) if pgm_python else None,
-                      "results": results, **vs_aim}))
+                      "held_out_real": held_out, "results": results, "floor_check_failed": floor_failures,
+                      **ratios_vs_aim(results)}))
 
 
 if __name__ == "__main__":
