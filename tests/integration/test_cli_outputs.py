@@ -165,3 +165,46 @@ def test_a_save_killed_midway_leaves_no_debris_after_the_next_save(data: Path, t
     (stale / "schema.json").write_text("{")
     Synthesizer.load(model).save(tmp_path / "model2")
     assert _listing(tmp_path) == ["model", "model2"]
+
+
+def test_a_delta_above_one_over_the_rows_is_warned_about(data: Path, tmp_path: Path, capsys) -> None:
+    code, err = _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--delta", "0.5",
+                     "--steps", "2", "--out-model", str(tmp_path / "m"))
+    assert code == 0, err
+    assert "warning: delta 0.5 is above 1 / rows" in err
+
+
+@pytest.mark.parametrize("command", ["synth", "synth fit", "synth sample", "audit"])
+def test_every_command_reading_private_rows_refuses_bad_outputs_first(data: Path, tmp_path: Path, capsys,
+                                                                     command: str) -> None:
+    """Clobbering or unwritable outputs and invalid options are refused with nothing read or written."""
+    model = tmp_path / "model"
+    assert _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
+                "--out-model", str(model))[0] == 0
+    state = (model / "synthesizer.json").read_text()
+    work = tmp_path / "work"
+    work.mkdir()
+    taken = work / "taken.csv"
+    taken.write_text("mine")
+    blocker = work / "blocker"  # a file where a folder would have to be created
+    blocker.write_text("mine")
+    fit = ["--data", str(data), "--epsilon", "5"]
+    cases = {
+        "synth": [["synth", *fit, "--out", str(taken)], ["synth", *fit, "--out", str(work / "s.csv"),
+                                                          "--rows", "-1"],
+                  ["synth", *fit, "--out", str(blocker / "s.csv")]],
+        "synth fit": [["synth", "fit", *fit, "--out-model", str(model)],
+                      ["synth", "fit", *fit, "--out-model", str(work / "m"), "--steps", "0"],
+                      ["synth", "fit", *fit, "--out-model", str(blocker / "m")]],
+        "synth sample": [["synth", "sample", "--model", str(model), "--rows", "5", "--out", str(taken)],
+                         ["synth", "sample", "--model", str(model), "--rows", "-5", "--out", str(work / "s.csv")],
+                         ["synth", "sample", "--model", str(model), "--rows", "5", "--out", str(work)]],
+        "audit": [["audit", "--model", str(model), "--data", str(data), "--out", str(blocker / "a")],
+                  ["audit", "--model", str(model), "--data", str(data), "--out", str(taken)]],
+    }[command]
+    for argv in cases:
+        code, err = _run(capsys, *argv)
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "spent epsilon" not in err and "training a DP synthesizer" not in err
+    assert _listing(work) == ["blocker", "taken.csv"] and taken.read_text() == "mine"
+    assert (model / "synthesizer.json").read_text() == state  # the saved model and its ledger untouched
