@@ -25,6 +25,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def saved_model(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small fitted synthesizer (each test works on its own copy)."""
+    model = tmp_path_factory.mktemp("saved") / "model"
+    assert main(["synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
+                 "--out-model", str(model)]) == 0
+    return model
+
+
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     return code, capsys.readouterr().err
@@ -99,13 +108,11 @@ def test_an_unwritable_folder_is_refused_before_any_private_read(data: Path, tmp
         subprocess.run(["chattr", "-i", str(locked)], check=True)
 
 
-def test_damaged_or_missing_models_get_one_line_errors(data: Path, tmp_path: Path, capsys) -> None:
+def test_damaged_or_missing_models_get_one_line_errors(saved_model: Path, tmp_path: Path, capsys) -> None:
     sample = ["synth", "sample", "--rows", "5", "--out", str(tmp_path / "s.csv"), "--model"]
     code, err = _run(capsys, *sample, str(tmp_path / "does_not_exist"))
     assert code == 2 and "does not exist" in err
-    model = tmp_path / "model"
-    assert _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
-                "--out-model", str(model))[0] == 0
+    model = shutil.copytree(saved_model, tmp_path / "model")
     state = model / "synthesizer.json"
     text = state.read_text()
     for damaged in (text[: len(text) // 2], json.dumps({**json.loads(text), "config": {"dim": 8, "bogus": 1}}),
@@ -154,12 +161,10 @@ def test_ctrl_c_says_what_was_spent(data: Path, tmp_path: Path) -> None:
     assert not model.exists() and _listing(tmp_path) == []
 
 
-def test_a_save_killed_midway_leaves_no_debris_after_the_next_save(data: Path, tmp_path: Path, capsys) -> None:
+def test_a_save_killed_midway_leaves_no_debris_after_the_next_save(saved_model: Path, tmp_path: Path) -> None:
     from tramontane.synth.synthesizer import Synthesizer
 
-    model = tmp_path / "model"
-    assert _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
-                "--out-model", str(model))[0] == 0
+    model = shutil.copytree(saved_model, tmp_path / "model")
     stale = tmp_path / ".model2.tmp-abcd1234"  # what a SIGKILL during a save leaves behind
     stale.mkdir()
     (stale / "schema.json").write_text("{")
@@ -175,12 +180,10 @@ def test_a_delta_above_one_over_the_rows_is_warned_about(data: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("command", ["synth", "synth fit", "synth sample", "audit"])
-def test_every_command_reading_private_rows_refuses_bad_outputs_first(data: Path, tmp_path: Path, capsys,
-                                                                     command: str) -> None:
+def test_every_command_reading_private_rows_refuses_bad_outputs_first(data: Path, saved_model: Path,
+                                                                     tmp_path: Path, capsys, command: str) -> None:
     """Clobbering or unwritable outputs and invalid options are refused with nothing read or written."""
-    model = tmp_path / "model"
-    assert _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
-                "--out-model", str(model))[0] == 0
+    model = shutil.copytree(saved_model, tmp_path / "model")
     state = (model / "synthesizer.json").read_text()
     work = tmp_path / "work"
     work.mkdir()
