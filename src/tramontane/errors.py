@@ -35,6 +35,11 @@ class PrivacyParameterError(PrivacyError, ValueError):
     """A privacy parameter is out of range (sampling rate, noise multiplier, delta, epsilon, steps)."""
 
 
+class PldTooLargeError(PrivacyParameterError):
+    """A privacy loss distribution would be too large to compose in reasonable time and memory
+    (`tramontane.accounting.PLD_MAX_POINTS`); the RDP accountant answers instead."""
+
+
 class PrivacyBudgetError(PrivacyError):
     """An operation would spend more privacy budget than was allowed; nothing was spent."""
 

@@ -69,7 +69,7 @@ from tramontane.accounting.events import (
     check_noise_multiplier,
     check_sample_rate,
 )
-from tramontane.errors import PrivacyParameterError
+from tramontane.errors import PldTooLargeError, PrivacyParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,6 @@ _PLD_ONE_SHOT_STEPS = 2**18  # self-compositions done by dp-accounting's one-sho
 _PLD_TAIL_SDS = 8.0  # the composed PLD keeps ~1e-15 of mass per tail: about 8 standard deviations
 
 LedgerLike: TypeAlias = PrivacyLedger | PrivacyEvent | Iterable[PrivacyEvent]
-
-
-class PldTooLargeError(PrivacyParameterError):
-    """The composed privacy loss distribution would exceed `PLD_MAX_POINTS` grid points."""
 
 
 @dataclass(frozen=True)
