@@ -443,19 +443,11 @@ def _check_output(path: str | None, option: str, kind: str, overwrite: bool) -> 
 
 
 def _write_csv_atomic(frame, path: str) -> None:
-    import os
-    import tempfile
+    from tramontane.files import write_atomic
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, frame.to_csv(index=False))  # shareable: the umask's usual 0644
 
 
 class _Progress:

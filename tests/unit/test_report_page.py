@@ -11,7 +11,8 @@ import pytest
 
 from tramontane.report import privacy_report
 from tramontane.report.evaluation import EVALUATION_FIELDS
-from tramontane.report.page import at_most, fmt, key_paths, percent, write_atomic
+from tramontane.files import write_atomic
+from tramontane.report.page import at_most, fmt, key_paths, percent
 from tramontane.report.release import RELEASE_FIELDS, statements
 
 

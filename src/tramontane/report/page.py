@@ -1,5 +1,5 @@
 """What the reports share: the field registry (status, source, meaning of every JSON key path), number
-formatting, the HTML page and its tables, and the one atomic file write with its permission policy.
+formatting, the HTML page and its tables (files are written by `tramontane.files.write_atomic`).
 
 A report's JSON keys are registered as `Field`s: the HTML shows each number with its registered one-line
 meaning and source, and a test checks that the registry, the JSON actually written and the table in
@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 STATUSES = ("public", "dp", "schema", "holder-only")
@@ -177,30 +174,3 @@ def field_rows(data: Mapping[str, Any], fields: Mapping[str, Field],
 def image(alt: str, png_base64: str, caption: str) -> str:
     return (f"<figure><img alt='{esc(alt)}' src='data:image/png;base64,{png_base64}'>"
             f"<figcaption>{esc(caption)}</figcaption></figure>")
-
-
-# -- files ----------------------------------------------------------------------------------------------
-
-def write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write `text` to `path` through a sibling temporary file, fsync it, then rename it into place.
-
-    The file is created with `mode` (the umask applies, as with any new file; a shareable file takes 0o666
-    and so ends up 0644 under the usual umask 022; a holder-only file takes 0o600). An existing file of
-    that name is replaced by the new one, its permissions included.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself is durable
-    finally:
-        os.close(dir_fd)

@@ -11,7 +11,7 @@ so that publishing `release/` cannot leak through the evaluation by accident. Th
 `.config`, the schema, bounds from the ledger (`tramontane.audit.card.privacy_card`) and the synthetic
 table; it never reads real rows or `Synthesizer.diagnostics`. The evaluation is built by
 `holder_evaluation` (`tramontane.report.evaluation`) from the real rows and carries a "do not publish"
-notice. Each file is written atomically (`page.write_atomic`).
+notice. Each file is written atomically (`tramontane.files.write_atomic`).
 
 Privacy unit: one row of the training table; neighbouring tables differ by adding or removing one row.
 The number of rows N is therefore not public: the release shows only the DP count (`row_count.rows_dp`,
@@ -159,8 +159,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tramontane.files import HOLDER_MODE, SHAREABLE_MODE, write_atomic
 from tramontane.report.evaluation import EVALUATION_FIELDS, holder_evaluation, render_evaluation
-from tramontane.report.page import write_atomic
 from tramontane.report.release import OPAQUE, RELEASE_FIELDS, release_report, render_release
 from tramontane.synth import release as synth_release
 
@@ -169,8 +169,6 @@ __all__ = ["EVALUATION_FIELDS", "HOLDER_DIR", "RELEASE_DIR", "RELEASE_FIELDS", "
 
 RELEASE_DIR = "release"
 HOLDER_DIR = "holder-only"
-SHAREABLE_MODE = 0o666  # the umask applies: 0644 under the usual 022
-HOLDER_MODE = 0o600
 
 
 @dataclass(frozen=True)

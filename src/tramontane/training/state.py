@@ -23,6 +23,7 @@ from torch import nn
 
 from tramontane.accounting import PrivacyLedger
 from tramontane.errors import CheckpointError
+from tramontane.files import HOLDER_MODE, write_atomic
 from tramontane.models.checkpoint import fsync_path
 
 META_FORMAT = "tramontane.training_checkpoint"
@@ -41,16 +42,8 @@ class TrainState:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The data holder's JSON (checkpoint meta, run plans), written atomically and readable by them only."""
+    write_atomic(path, json.dumps(data, indent=1), HOLDER_MODE)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
