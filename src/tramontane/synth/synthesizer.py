@@ -317,8 +317,8 @@ class Synthesizer:
             for s in spend:  # what the failed inference spent stays on the ledger the caller holds
                 if s.epsilon > 0 or s.delta > 0:
                     self.ledger.append(EpsilonDeltaEvent(s.epsilon, s.delta, label=s.label))
-            if spend:
-                raise SchemaError(f"{err}\n{self._spent_note()}") from None
+            if spend:  # the message already says what was spent and that it counts
+                raise SchemaError(f"{err} It is recorded on this synthesizer's ledger.") from None
             raise
         self.schema_inference = inference
         for event in inference.ledger_events():
