@@ -127,6 +127,7 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
         "trained on about * rows (a DP count*": "the DP row count, sigma and q",
         "spent epsilon *": "the ledger's epsilon under both accountants, DP-SGD setting",
         "wrote * synthetic rows to *": "the synthetic CSV and its size",
+        "wrote * rows to * (the model is *": "`synth sample`: --rows (public) and the model's epsilon",
         "warning: delta * is above 1 / rows*": "delta against the DP row count",
         "interrupted*": "what an interrupted fit had spent (the ledger so far), and how to resume it",
     }),
