@@ -183,7 +183,7 @@ def test_neighbouring_tables_differ_only_in_dp_fields(table: pd.DataFrame, tmp_p
     differing = []
     for artifact in fields_d:
         a, b = dict(fields_d[artifact]), dict(fields_n[artifact])
-        assert set(a) == set(b) or release.lookup(artifact, "*") is not None, artifact
+        # a key present on one side only differs too, so it must be DP as well (checked below)
         for path in set(a) | set(b):
             if a.get(path) == b.get(path):
                 continue
