@@ -5,7 +5,8 @@ Runs inside the baselines' own venv (`.bench/pgm-venv`), which has no tramontane
     python _pgm_worker.py JOB_DIR
 
 JOB_DIR/job.json: {"method", "epsilon", "delta", "seed", "n_values": [per column], "options": {...},
-"sampler": "sample" | "round" | "both"}
+"sampler": "sample" | "round" | "both"} (plus the parent's "dataset" and "rows", unused here: the worker sees
+only value ids, and the domain comes from `n_values`, the public schema's, whichever table it is)
 JOB_DIR/train_ids.npy: int [N, d], each cell's category/bin id under the public schema.
 Writes JOB_DIR/synthetic_ids.npy (int [N, d]; with "both", the "sample" rows, and the "round" rows from the
 same fit in JOB_DIR/synthetic_ids_round.npy) and JOB_DIR/result.json (seconds, domain used, sampler).

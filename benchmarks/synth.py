@@ -1,17 +1,27 @@
-"""DP synthetic Adult: tramontane (defaults of `tramontane synth`) against AIM and MST (private-pgm).
+"""DP synthetic tables: tramontane (defaults of `tramontane synth`) against AIM and MST (private-pgm).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth.py [--epsilons 1 3 10]
-        [--methods tramontane aim mst independent] [--rows N] [--seed 0] [--max-minutes 60]
-        [--aim-rounds 40] [--aim-max-model-size MB] [--pgm-sampler sample|round|both]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth.py [--dataset adult|cps1988] [--epsilons 1 3 10]
+        [--methods tramontane aim mst independent tramontane-noschema] [--rows N] [--seed 0]
+        [--max-minutes 60] [--aim-rounds 40] [--aim-max-model-size MB] [--pgm-sampler sample|round|both]
 
-Private table: Adult train (optionally a seeded subsample of --rows rows); held out: Adult test; target
-"income"; delta 1e-5. Every method sees the same PUBLIC schema (`adult_schema()`): the baselines get the
-rows as the schema's value ids (numeric columns as its 100 bins, categoricals as category indices) with the
+Data: a table bundled with tramontane (`tramontane.datasets.BUNDLED`), `--dataset adult` (the default: UCI
+Adult, 15 columns, target "income") or `cps1988` (CPS 1988 wages, 7 columns with a heavy-tailed weekly wage
+in log-spaced bins, target "parttime"). Private table: its train split (optionally a seeded subsample of
+--rows rows); held out: its test split; the target is the table's registered one; delta 1e-5. Every method
+is scored in the same PUBLIC schema (the table's documented one, e.g. `adult_schema()`): the baselines get
+the rows as the schema's value ids (numeric columns as its bins, categoricals as category indices) with the
 full public domain fixed (see `_pgm_worker.py`), preprocessor_eps = 0; every method's output is turned into
-value ids and decoded with `schema.frame_from_value_ids`, so all are evaluated identically.
+value ids and decoded with `schema.frame_from_value_ids` (numbers drawn uniformly inside their bin), so all
+are evaluated identically.
 
 Methods:
 - tramontane: `SynthConfig()`, what `tramontane synth` uses without flags.
+- tramontane-noschema (only when listed in --methods): the same epsilon, delta and `SynthConfig()` with no
+  schema given, so the fit infers one with DP out of the same budget (`schema_budget_share`), as `tramontane
+  synth` without --schema does. Its rows are cast to the public schema's types, `conform`ed (numbers outside
+  the public range clipped: counted as `rows_clipped`) and scored in the public value ids; a row `conform`
+  would drop (a value the public schema cannot hold) is not scored and is counted as `rows_unscorable`, shown
+  beside its scores. No held-out NLL: its likelihood is over its own bins, not comparable.
 - aim, mst: private-pgm's, via smartnoise-synth, sampled i.i.d. from the fitted model (`--pgm-sampler
   sample`; `round` is snsynth's own `sample()`, whose mbi 1.1 sampler makes sibling columns co-monotone:
   kept only to reproduce that failure, see `_pgm_worker.py`; `both` samples one fit both ways and adds
@@ -41,10 +51,10 @@ they run in their own venv (default `.bench/pgm-venv`), which this script create
 `python3 -m venv`, `pip install torch==2.13.0` (the CPU wheel, so pip does not pull a CUDA torch), then
 `pip install smartnoise-synth`.
 
-The last line is one JSON object: per epsilon and method the figures (a refused baseline carries `refused`,
-a tramontane below the floor `below_floor`: why), per epsilon every floor-check failure, and, where AIM is
-not refused, `tvd3_vs_aim` (tramontane / AIM 3-way TVD per binning, < 1 is better) and `auc_vs_aim`
-(tramontane - AIM ROC AUC, per classifier; > 0 is better).
+The last line is one JSON object (the dataset, its target, the row counts): per epsilon and method the
+figures (a refused baseline carries `refused`, a tramontane below the floor `below_floor`: why), per epsilon
+every floor-check failure, and, where AIM is not refused, `tvd3_vs_aim` (tramontane / AIM 3-way TVD per
+binning, < 1 is better) and `auc_vs_aim` (tramontane - AIM ROC AUC, per classifier; > 0 is better).
 """
 
 from __future__ import annotations
@@ -66,9 +76,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".bench" / "pgm-venv"
 PGM_TORCH = "torch==2.13.0"
 DELTA = 1e-5
-TARGET = "income"
 FLOOR = "independent"  # the independent-marginals floor every other method must beat on 2-way TVD
+NOSCHEMA = "tramontane-noschema"  # schema inferred with DP; runs only when listed in --methods
 METHODS = ("tramontane", "aim", "mst", FLOOR)
+OPTIONAL_METHODS = (NOSCHEMA,)
+NAME_WIDTH = max(len(m) for m in (*METHODS, *OPTIONAL_METHODS, "held-out"))  # the table's method column
 PGM_METHODS = ("aim", "mst")
 SAMPLERS = ("sample", "round", "both")  # both: one fit sampled both ways, rows "aim" and "aim-round"
 DEFAULT_AIM_ROUNDS = 40  # the strongest setting that finished full Adult at every epsilon inside 30 min
@@ -77,15 +89,24 @@ BINNINGS = ("schema", f"q{QUANTILE_BINS}")  # the schema's value ids; quantile b
 CLASSIFIERS = ("hist_gbdt", "logistic")
 
 
-def load_tables(rows: int | None, seed: int):
-    """(train, test): Adult train (a seeded subsample of `rows` rows, if given) and Adult test."""
-    from tramontane.datasets import adult_schema, load_adult
+def load_tables(rows: int | None, seed: int, dataset: str = "adult"):
+    """(schema, train, test): the bundled table's public schema, its train split (a seeded subsample of
+    `rows` rows, if given) and its test split."""
+    from tramontane.datasets import BUNDLED
 
-    schema = adult_schema()
-    train, test = schema.conform(load_adult("train")), schema.conform(load_adult("test"))
+    table = BUNDLED[dataset]
+    schema = table.schema()
+    train, test = schema.conform(table.load("train")), schema.conform(table.load("test"))
     if rows is not None and rows < len(train):
         train = train.sample(n=rows, random_state=seed).reset_index(drop=True)
     return schema, train, test
+
+
+def job_tables(job: dict):
+    """load_tables for a worker's job; a job.json without "dataset" (written before --dataset) is Adult."""
+    if "dataset" in job:
+        return load_tables(job["rows"], job["seed"], job["dataset"])
+    return load_tables(job["rows"], job["seed"])
 
 
 # -- the baselines' venv ---------------------------------------------------------------------------------
@@ -140,17 +161,23 @@ def run_child(cmd: list[str], max_seconds: float, log_path: Path) -> dict:
             "returncode": proc.returncode, "timed_out": timed_out}
 
 
-def tramontane_worker(job_dir: Path) -> None:
-    """Fit the defaults (`SynthConfig()`, as `tramontane synth` uses), sample as many rows, score test."""
+def fit_and_sample(job: dict, schema, train: pd.DataFrame):
+    """(synthesizer, as many sampled rows as `train`, fit seconds, sample seconds) with `SynthConfig()`, the
+    defaults `tramontane synth` uses; `schema` None infers it with DP inside the same budget."""
     from tramontane.synth.synthesizer import SynthConfig, Synthesizer
 
-    job = json.loads((job_dir / "job.json").read_text())
-    schema, train, test = load_tables(job["rows"], job["seed"])
     start = time.perf_counter()
     synth = Synthesizer(schema, job["epsilon"], job["delta"], SynthConfig(), seed=job["seed"]).fit(train)
     fit_s = time.perf_counter() - start
     sample = synth.sample(len(train), seed=job["seed"])
-    sample_s = time.perf_counter() - start - fit_s
+    return synth, sample, fit_s, time.perf_counter() - start - fit_s
+
+
+def tramontane_worker(job_dir: Path) -> None:
+    """Fit the defaults (`SynthConfig()`, as `tramontane synth` uses), sample as many rows, score test."""
+    job = json.loads((job_dir / "job.json").read_text())
+    schema, train, test = job_tables(job)
+    synth, sample, fit_s, sample_s = fit_and_sample(job, schema, train)
     np.save(job_dir / "synthetic_ids.npy", schema.value_ids(sample))
     np.save(job_dir / "test_ll.npy", synth.log_likelihood(test))
     privacy = synth.privacy()
@@ -166,7 +193,7 @@ def independent_worker(job_dir: Path) -> None:
     from tramontane.report.metrics import independent_marginals_baseline
 
     job = json.loads((job_dir / "job.json").read_text())
-    schema, train, _ = load_tables(job["rows"], job["seed"])
+    schema, train, _ = job_tables(job)
     start = time.perf_counter()
     sample = independent_marginals_baseline(train, schema, len(train), np.random.default_rng(job["seed"]),
                                             epsilon=job["epsilon"])
@@ -175,13 +202,58 @@ def independent_worker(job_dir: Path) -> None:
                                                      "sample_seconds": 0.0}))
 
 
-WORKERS = {"tramontane": tramontane_worker, FLOOR: independent_worker}
+def public_value_ids(schema, rows: pd.DataFrame) -> tuple[np.ndarray, int, int, dict[str, int]]:
+    """(ids, rows_unscorable, rows_clipped, clipped per column): `rows` (drawn under some other schema) in
+    the public schema's value ids. Categorical columns are cast to text where the public categories are text
+    (an inferred schema may hold numbers or booleans), then `schema.conform` clips numbers into the public
+    ranges (`rows_clipped` rows had one clipped) and drops the rows it cannot hold (an unknown category, a
+    missing value the public schema has no room for): those are counted in `rows_unscorable`, never
+    scored."""
+    frame = rows[schema.names].copy()
+    for spec in schema.columns:
+        if spec.kind == "categorical" and all(isinstance(c, str) for c in spec.categories):
+            col = frame[spec.name]
+            frame[spec.name] = col.astype(object).where(col.isna(), col.astype(str))
+    held = np.ones(len(frame), dtype=bool)
+    exact = {}
+    for spec in schema.columns:
+        held &= spec.value_index(frame[spec.name], clip=True) >= 0  # what conform keeps
+        exact[spec.name] = spec.value_index(frame[spec.name]) >= 0
+    conformed = schema.conform(frame)
+    assert len(conformed) == int(held.sum())
+    clipped = {name: int((held & ~ok).sum()) for name, ok in exact.items()}
+    clipped_rows = int((held & ~np.logical_and.reduce(list(exact.values()))).sum())
+    return (schema.value_ids(conformed), int((~held).sum()), clipped_rows,
+            {name: n for name, n in clipped.items() if n})
+
+
+def noschema_worker(job_dir: Path) -> None:
+    """`SynthConfig()` with no schema: inferred with DP inside the same budget; scored in the public ids."""
+    job = json.loads((job_dir / "job.json").read_text())
+    public, train, _ = job_tables(job)
+    synth, sample, fit_s, sample_s = fit_and_sample(job, None, train)
+    ids, unscorable, clipped, clipped_by_column = public_value_ids(public, sample)
+    np.save(job_dir / "synthetic_ids.npy", ids)
+    synth.schema.save(job_dir / "inferred_schema.json")  # DP output: the data holder's to inspect
+    privacy = synth.privacy()
+    s = synth.summary
+    (job_dir / "result.json").write_text(json.dumps({
+        "fit_seconds": fit_s, "sample_seconds": sample_s, "epsilon_rdp": privacy["epsilon_rdp"],
+        "epsilon_pld": privacy["epsilon_pld"], "batch_size": s.batch_size, "steps": s.steps,
+        "noise_multiplier": s.noise_multiplier, "schema_epsilon": s.schema_epsilon,
+        "inferred_n_values": {c.name: c.n_values for c in synth.schema.columns},
+        "rows_sampled": len(sample), "rows_unscorable": unscorable, "rows_clipped": clipped,
+        "rows_clipped_by_column": clipped_by_column}))
+
+
+WORKERS = {"tramontane": tramontane_worker, NOSCHEMA: noschema_worker, FLOOR: independent_worker}
 
 
 def run_method(method: str, epsilon: float, args, schema, train, pgm_python: Path | None, work: Path) -> dict:
     job_dir = work / f"{method}-eps{epsilon:g}"
     job_dir.mkdir(parents=True, exist_ok=True)
-    job = {"method": method, "epsilon": epsilon, "delta": DELTA, "seed": args.seed, "rows": args.rows}
+    job = {"method": method, "epsilon": epsilon, "delta": DELTA, "seed": args.seed, "rows": args.rows,
+           "dataset": args.dataset}
     if method in WORKERS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_dir)]
     else:
@@ -229,13 +301,15 @@ def summarise_tvd(tvd: dict[str, dict[int, float]]) -> dict[str, float]:
     return {f"tvd{k}_{b}": v for b, per_k in tvd.items() for k, v in per_k.items()}
 
 
-def evaluate(schema, train, test, q_bins, job_dir: Path, rows: str = "synthetic_ids.npy") -> dict:
+def evaluate(schema, train, test, target: str, q_bins, job_dir: Path,
+             rows: str = "synthetic_ids.npy") -> dict:
     from tramontane.report.utility import evaluate_synthetic
 
-    synthetic = schema.frame_from_value_ids(np.load(job_dir / rows))
+    # numbers drawn uniformly inside their bin, for every method alike (no pile-up on the bins' centres)
+    synthetic = schema.frame_from_value_ids(np.load(job_dir / rows), np.random.default_rng(0))
     ll_path = job_dir / "test_ll.npy"
     ll = np.load(ll_path) if ll_path.exists() else None
-    ev = evaluate_synthetic(train, synthetic, schema, test, TARGET, ll, threads=1)
+    ev = evaluate_synthetic(train, synthetic, schema, test, target, ll, threads=1)
     return {**ev, "tvd_by_binning": tvd_by_binning(schema, train, synthetic, q_bins)}
 
 
@@ -245,6 +319,9 @@ def summarise(run: dict, ev: dict | None) -> dict:
         out["sampler"] = run["sampler"]
     if "epsilon_rdp" in run:
         out.update({k: run[k] for k in ("epsilon_rdp", "epsilon_pld", "batch_size", "steps", "noise_multiplier")})
+    extra = ("schema_epsilon", "inferred_n_values", "rows_sampled", "rows_unscorable", "rows_clipped",
+             "rows_clipped_by_column")
+    out.update({k: run[k] for k in extra if k in run})  # tramontane-noschema
     if ev is None:
         out["failed"] = "timed out" if run.get("timed_out") else f"exit {run.get('returncode')}"
         return out
@@ -322,12 +399,20 @@ def progress_line(eps: str, name: str, r: dict) -> str:
             " ".join(f"tvd{k} {r[f'tvd{k}_{BINNINGS[0]}']:.4f} / {r[f'tvd{k}_{BINNINGS[1]}']:.4f}" for k in (2, 3))
             + f" ({' / '.join(BINNINGS)})  gbdt auc {fmt(r['hist_gbdt_auc'], '.4f')}  "
             f"lr auc {fmt(r['logistic_auc'], '.4f')}")
-    return f"  eps={eps} {name}: {status}  {r['wall_seconds']:.0f} s"
+    note = f"  ({unscorable_note(r)})" if "rows_unscorable" in r else ""
+    return f"  eps={eps} {name}: {status}  {r['wall_seconds']:.0f} s{note}"
+
+
+def unscorable_note(r: dict) -> str:
+    """tramontane-noschema: how many of its rows the public schema held only after clipping, or not at all."""
+    return (f"{r['rows_unscorable']} of {r['rows_sampled']} rows unscorable (not scored: the public schema "
+            f"cannot hold them), {r['rows_clipped']} scored after clipping into the public ranges "
+            f"{r.get('rows_clipped_by_column') or ''}")
 
 
 def print_table(results: dict, held_out: dict) -> None:
     tvd_head = " ".join(f"{f'tvd{k} {b[:3]}':>6}" for b in BINNINGS for k in (1, 2, 3))
-    head = (f"{'eps':>4} {'method':<11} {tvd_head} {'gbdt acc':>8} {'gbdt auc':>8} "
+    head = (f"{'eps':>4} {'method':<{NAME_WIDTH}} {tvd_head} {'gbdt acc':>8} {'gbdt auc':>8} "
             f"{'lr acc':>6} {'lr auc':>6} {'exact':>6} {'nll':>6} {'wall s':>7} {'peak MiB':>8}")
     print(f"TVD: mean over all k-way marginals; 'sch' = the schema's bins, '{BINNINGS[1]}' = {QUANTILE_BINS} "
           "quantile bins per numeric column fitted on real train")
@@ -336,30 +421,39 @@ def print_table(results: dict, held_out: dict) -> None:
     for eps, per in results.items():
         for method, r in per.items():
             if "failed" in r:
-                print(f"{eps:>4} {method:<11} FAILED: {r['failed']} after {r['wall_seconds']:.0f} s")
+                print(f"{eps:>4} {method:<{NAME_WIDTH}} FAILED: {r['failed']} after "
+                      f"{r['wall_seconds']:.0f} s")
                 continue
             if "refused" in r:
-                print(f"{eps:>4} {method:<11} REFUSED: {r['refused']}")
+                print(f"{eps:>4} {method:<{NAME_WIDTH}} REFUSED: {r['refused']}")
                 continue
             if "below_floor" in r:
-                print(f"{eps:>4} {method:<11} BELOW FLOOR (still printed and compared): {r['below_floor']}")
-            print(f"{eps:>4} {method:<11} {tvd_cells(r)} "
+                print(f"{eps:>4} {method:<{NAME_WIDTH}} BELOW FLOOR (still printed and compared): "
+                      f"{r['below_floor']}")
+            print(f"{eps:>4} {method:<{NAME_WIDTH}} {tvd_cells(r)} "
                   f"{r['hist_gbdt_acc']:8.4f} {fmt(r['hist_gbdt_auc'], '8.4f')} {r['logistic_acc']:6.4f} "
                   f"{fmt(r['logistic_auc'], '6.4f')} {r['exact_match_share']:6.4f} "
                   f"{fmt(r.get('heldout_nll_per_row'), '6.2f')} {r['wall_seconds']:7.0f} {r['peak_rss_mib']:8.0f}")
+            if "rows_unscorable" in r:
+                print(f"{'':>4} {'':<{NAME_WIDTH}} {unscorable_note(r)}")
         ref = next((r for r in per.values() if "failed" not in r), None)
         if ref:
-            print(f"{eps:>4} {'real':<11} {'':<{7 * len(BINNINGS) * 3 - 1}} "
+            print(f"{eps:>4} {'real':<{NAME_WIDTH}} {'':<{7 * len(BINNINGS) * 3 - 1}} "
                   f"{ref['hist_gbdt_acc_real']:8.4f} {fmt(ref['hist_gbdt_auc_real'], '8.4f')} "
                   f"{ref['logistic_acc_real']:6.4f} {fmt(ref['logistic_auc_real'], '6.4f')}   (train on real)")
-    print(f"{'-':>4} {'held-out':<11} {tvd_cells(held_out)}   (real test rows against real train)")
+    print(f"{'-':>4} {'held-out':<{NAME_WIDTH}} {tvd_cells(held_out)}   (real test rows against real train)")
 
 
 def main() -> None:
+    from tramontane.datasets import BUNDLED
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=list(BUNDLED), default="adult",
+                   help="the bundled table: its train split is private, its test split held out")
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 10.0])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help=f"'{FLOOR}' (the floor every method is checked against) always runs")
+    p.add_argument("--methods", nargs="+", choices=(*METHODS, *OPTIONAL_METHODS), default=list(METHODS),
+                   help=f"'{FLOOR}' (the floor every method is checked against) always runs; "
+                        f"{', '.join(OPTIONAL_METHODS)} only when listed")
     p.add_argument("--rows", type=int, default=None, help="seeded subsample of the private table (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=60.0, help="kill one method's run after this long")
@@ -382,14 +476,16 @@ def main() -> None:
 
     from tramontane.report.metrics import MarginalBins
 
-    schema, train, test = load_tables(args.rows, args.seed)
+    table = BUNDLED[args.dataset]
+    schema, train, test = load_tables(args.rows, args.seed, args.dataset)
     q_bins = MarginalBins.fit(train, schema, QUANTILE_BINS)
     held_out = summarise_tvd(tvd_by_binning(schema, train, test, q_bins))
     pgm_python = ensure_pgm_venv(args.pgm_venv) if set(methods) & set(PGM_METHODS) else None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tramontane-synth-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"Adult: {len(train)} private rows, {len(test)} held out; delta {DELTA:g}; seed {args.seed}; "
-          f"AIM rounds {args.aim_rounds or 'snsynth default'}; AIM/MST sampler {args.pgm_sampler}; "
+    print(f"{table.title}: {len(train)} private rows, {len(test)} held out; target {table.target!r}; "
+          f"delta {DELTA:g}; seed {args.seed}; AIM rounds {args.aim_rounds or 'snsynth default'}; "
+          f"AIM/MST sampler {args.pgm_sampler}; "
           f"cpus {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; files in {work}", flush=True)
     results: dict[str, dict[str, dict]] = {}
     floor_failures: dict[str, dict[str, str]] = {}
@@ -403,7 +499,8 @@ def main() -> None:
             if method in PGM_METHODS and args.pgm_sampler == "both":
                 rows[f"{method}-round"] = "synthetic_ids_round.npy"  # the same fit, snsynth's sample()
             for name, path in rows.items():
-                ev = None if run.get("failed") else evaluate(schema, train, test, q_bins, job_dir, path)
+                ev = (None if run.get("failed")
+                      else evaluate(schema, train, test, table.target, q_bins, job_dir, path))
                 per[name] = r = {**summarise(run, ev), "load_before": load}
                 if name.endswith("-round"):
                     r["sampler"] = "round"
@@ -413,7 +510,8 @@ def main() -> None:
         floor_failures[f"{eps:g}"] = floor_check(per)  # every failure, refused or only marked
     print()
     print_table(results, held_out)
-    print(json.dumps({"benchmark": "synth", "dataset": "adult", "rows": len(train), "test_rows": len(test),
+    print(json.dumps({"benchmark": "synth", "dataset": args.dataset, "target": table.target,
+                      "rows": len(train), "test_rows": len(test),
                       "delta": DELTA, "seed": args.seed, "cpus": os.cpu_count(), "aim_rounds": args.aim_rounds,
                       "pgm_sampler": args.pgm_sampler, "quantile_bins": QUANTILE_BINS,
                       "pgm_versions": pgm_versions(pgm_python) if pgm_python else None,

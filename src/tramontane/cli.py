@@ -382,13 +382,13 @@ def _add_accounting_commands(sub: argparse._SubParsersAction) -> None:
 # -- synthetic data ---------------------------------------------------------------------------------------
 
 def _read_table(path: str, schema=None):
-    """A CSV path, or `adult` / `adult-test` for the bundled UCI Adult splits."""
+    """A CSV path, or a bundled table's name (`adult` / `adult-test`, `cps1988` / `cps1988-test`)."""
     from tramontane import datasets
 
-    if path in ("adult", "adult-train"):
-        return datasets.load_adult("train")
-    if path == "adult-test":
-        return datasets.load_adult("test")
+    bundled = datasets.bundled_table(path)
+    if bundled is not None:
+        table, split = bundled
+        return table.load(split)
     return datasets.read_csv(path, schema=schema)
 
 
@@ -398,8 +398,9 @@ def _load_schema(path: str | None, data: str):
 
     if path is not None:
         return Schema.load(path)
-    if data in ("adult", "adult-train"):
-        return datasets.adult_schema()  # public: built from UCI's documentation
+    bundled = datasets.bundled_table(data) if data is not None else None
+    if bundled is not None and bundled[1] == "train":
+        return bundled[0].schema()  # public: written from the data set's documentation
     return None
 
 
@@ -537,6 +538,22 @@ def _write_report(synth, train, synthetic, test, target: str | None, directory: 
     err.print(f"release (shareable): {paths.release_html}")
     if paths.evaluation_html is not None:
         err.print(f"evaluation (data holder only, do not publish): {paths.evaluation_html}")
+        line = _utility_line(json.loads(paths.evaluation_json.read_text())["utility"])
+        err.print(f"utility (data holder only, not DP): {line}")
+
+
+def _utility_line(u: dict) -> str:
+    """One line of the holder's evaluation: 3-way marginal TVD (against real held-out rows' own), and the
+    gradient-boosting ROC AUC trained on synthetic against trained on real."""
+    ref = (u.get("tvd_real_test_vs_train") or {}).get("3-way")
+    parts = [f"3-way marginal TVD {u['tvd']['3-way']:.4f}" + (f" (real held-out rows: {ref:.4f})" if ref else "")]
+    ml = u.get("ml_efficacy")
+    if ml:
+        auc = {sc["trained_on"]: sc["roc_auc"] for sc in ml["scores"] if sc["model"] == "hist_gbdt"}
+        if "synthetic" in auc:
+            parts.append(f"HistGradientBoosting ROC AUC on real test {auc['synthetic']:.3f} trained on synthetic"
+                         + (f", {auc['real']:.3f} trained on real" if "real" in auc else ""))
+    return "; ".join(parts)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -624,9 +641,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema_init(args: argparse.Namespace) -> int:
+    """Draft a public schema from the header of --data and the declared kinds: no row is read."""
+    from tramontane.files import write_atomic
+    from tramontane.synth.schema_draft import draft_from_csv, draft_json, parse_range, todo_columns
+
+    _check_output(args.out, "--out", "file", args.overwrite)
+    draft = draft_from_csv(args.data, categorical=args.categorical, integer=args.integer, floats=args.float,
+                           ranges=dict(parse_range(r) for r in args.range))
+    write_atomic(args.out, draft_json(draft))
+    todo = todo_columns(draft)
+    err = _stderr()
+    err.print(f"wrote a draft schema of {len(draft['columns'])} columns to {args.out} (from the header only)")
+    if todo:
+        err.print(f"to fill in from public knowledge, never from the rows ('todo' in each): {', '.join(todo)}; "
+                  "then delete the 'todo' keys and pass the file with --schema")
+    else:
+        err.print("every column is complete: review it, then pass it with --schema")
+    return 0
+
+
 def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
     def fit_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", help="training table (CSV), or 'adult' for the bundled UCI Adult")
+        p.add_argument("--data", help="training table (CSV), or a bundled table: 'adult' (UCI Adult), "
+                       "'cps1988' (CPS 1988 wages)")
         p.add_argument("--schema", default=None, help="public schema JSON/YAML (default: inferred with DP)")
         p.add_argument("--epsilon", type=float, default=None)
         p.add_argument("--delta", type=float, default=1e-5)
@@ -664,6 +702,20 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--out", required=True)
     sample.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sample.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("schema", help="draft a public schema from a CSV header (no row is read)")
+    schema_sub = p.add_subparsers(dest="schema_command", required=True)
+    init = schema_sub.add_parser(
+        "init", help="write a draft schema from the header and the kinds you declare, to review and fill in")
+    init.add_argument("--data", required=True, help="CSV file: only its header line is read")
+    init.add_argument("--out", required=True, help="schema JSON to write")
+    for kind, flag in (("categorical", "--categorical"), ("integer", "--integer"), ("float", "--float")):
+        init.add_argument(flag, action="append", default=[], metavar="COLS",
+                          help=f"{kind} columns, comma-separated (repeatable; a name holding a comma: alone)")
+    init.add_argument("--range", action="append", default=[], metavar="NAME=LO:HI",
+                      help="public range of a numeric column, e.g. age=0:120 (repeatable)")
+    init.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    init.set_defaults(func=cmd_schema_init)
 
     p = sub.add_parser("evaluate", help="utility of a synthetic table against the real one")
     p.add_argument("--real-train", required=True)
@@ -721,6 +773,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     Progress per phase goes to stderr (bars on a terminal, else a line per tenth of a phase or 15 s), each
     with a time estimate. Ctrl-C writes what was measured so far to --out, marked partial, and exits 130.
     """
+    from tramontane import datasets
     from tramontane.audit.card import privacy_card
     from tramontane.audit.synth_audit import (
         PHASES,
@@ -743,7 +796,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         synth = Synthesizer.load(args.model)
         # Not checked against the schema here: the audit prepares the rows exactly as the fit did.
         data = _read_table(args.data)
-        holdout_path = args.holdout or ("adult-test" if args.data in ("adult", "adult-train") else None)
+        bundled = datasets.bundled_table(args.data)  # a bundled train split: its test split by default
+        default_holdout = f"{bundled[0].name}-test" if bundled and bundled[1] == "train" else None
+        holdout_path = args.holdout or default_holdout
         holdout = _read_table(holdout_path) if holdout_path else None
     except KeyboardInterrupt:
         err.print("interrupted before the audit started: nothing measured, nothing written")
@@ -858,9 +913,9 @@ def _add_audit_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="empirical privacy audit (CANIFE, membership inference) of a "
                        "synthesizer")
     p.add_argument("--model", required=True, help="a directory written by `synth fit` / `--save-model`")
-    p.add_argument("--data", required=True, help="the training table (CSV), or 'adult'")
+    p.add_argument("--data", required=True, help="the training table (CSV), or 'adult' / 'cps1988'")
     p.add_argument("--holdout", default=None, help="held-out rows for membership inference (default for "
-                   "adult: adult-test)")
+                   "a bundled table: its test split, e.g. adult-test)")
     p.add_argument("--rounds", type=int, default=None,
                    help="replayed DP-SGD steps, half with the canary, each about one training step. Default: "
                    "about 120,000 example gradients in all, 14 to 100 rounds (14 for all of Adult: a few "

@@ -65,9 +65,11 @@ def test_every_row_is_valid_and_seeds_reproduce(fitted: Synthesizer) -> None:
 
 
 def test_ledger_spends_exactly_the_budget_and_survives_save_load(fitted: Synthesizer, tmp_path: Path) -> None:
-    count, steps = fitted.ledger.events  # the DP row count, then the DP-SGD steps
+    count, steps, measured = fitted.ledger.events  # the DP row count, the DP-SGD steps, the marginals
     assert isinstance(count, accounting.GaussianEvent) and count.label == "row count"
     assert isinstance(steps, accounting.DpSgdEvent) and steps.steps == 40
+    assert measured == fitted.marginals.event() and measured.label == "marginals"
+    assert measured.count == len(fitted.marginals.queries) == fitted.summary.marginal_queries
     eps = accounting.epsilon(fitted.ledger, 1e-5)
     assert eps <= 8.0 and eps == pytest.approx(8.0, rel=1e-3)
     path = fitted.save(tmp_path / "synth")
@@ -80,9 +82,12 @@ def test_dp_schema_inference_is_charged_to_the_ledger(data) -> None:
     train, _ = data
     synth = Synthesizer(None, epsilon=4.0, delta=1e-5, config=_small_config(steps=3), seed=0)
     synth.fit(train[["workclass", "sex", "income"]])
-    declared = [e for e in synth.ledger.events if isinstance(e, accounting.EpsilonDeltaEvent)]
-    assert declared and sum(e.epsilon for e in declared) == pytest.approx(0.4)
-    assert accounting.epsilon(synth.ledger, 1e-5) <= 4.0
+    inference = [e for e in synth.ledger.events if e.label.startswith("schema inference")]
+    # the Gaussian mechanisms as one Gaussian event (composed by the accountant), their thresholds' delta
+    assert [type(e) for e in inference] == [accounting.GaussianEvent, accounting.EpsilonDeltaEvent]
+    assert inference[1].epsilon == 0 and 0 < inference[1].delta < 1e-5
+    assert synth.summary.schema_source == "dp" and 0 < synth.summary.schema_epsilon < 4.0
+    assert accounting.epsilon(synth.ledger, 1e-5) <= 4.0 * (1 + 1e-6)
 
 
 def test_bad_input_is_refused_with_clear_errors(data, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,16 +35,19 @@ NEIGHBOURING = "add or remove one row"
 ROW_COUNT_LABEL = "row count"
 DPSGD_LABEL = "synth dp-sgd"
 SCHEMA_LABEL = "schema inference"
+MARGINALS_LABEL = "marginals"  # tramontane.synth.marginals.MARGINALS_LABEL
 
 # Artifacts (paths relative to the output they belong to). Shareable unless marked holder-only.
 MODEL_STATE = "model/synthesizer.json"
 MODEL_SCHEMA = "model/schema.json"
 MODEL_PARAMS = "model/model/params.json"
 MODEL_WEIGHTS = "model/model/consolidated.safetensors"
+MODEL_MARGINALS = "model/marginals.json"
 SYNTHETIC_CSV = "synthetic.csv"
+SCHEMA_DRAFT = "draft-schema.json"  # `tramontane schema init --out`: from the header and the command line only
 STDERR = "stderr"  # the terminal of whoever runs the command: the data holder
 
-SHAREABLE_ARTIFACTS = (MODEL_STATE, MODEL_SCHEMA, MODEL_PARAMS, MODEL_WEIGHTS, SYNTHETIC_CSV)
+SHAREABLE_ARTIFACTS = (MODEL_STATE, MODEL_SCHEMA, MODEL_PARAMS, MODEL_WEIGHTS, MODEL_MARGINALS, SYNTHETIC_CSV)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ def _fields(artifact: str, status: str, source: tuple[str, ...], entries: Mappin
 _COUNT = (ROW_COUNT_LABEL,)
 _SCHEMA = (SCHEMA_LABEL,)  # public (and then identical) when the schema is given
 _TRAINED = (SCHEMA_LABEL, ROW_COUNT_LABEL, DPSGD_LABEL)
+_MEASURED = (*_TRAINED, MARGINALS_LABEL)  # marginals: chosen from model samples, measured with noise
 
 MANIFEST: tuple[ReleasedField, ...] = tuple([
     # -- the saved synthesizer ---------------------------------------------------------------------------
@@ -92,36 +96,57 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
     }),
     *_fields(MODEL_STATE, DP, _COUNT, {
         "ledger.events[].sample_rate": "Poisson rate q = expected batch / DP row count",
-        "ledger.events[].noise_multiplier": "sigma, calibrated for q (and the count's own noise std)",
+        "ledger.events[].noise_multiplier": "sigma of each Gaussian event: DP-SGD's calibrated for q; the row "
+                                            "count's and the schema inference's set by the budget (inputs)",
         "summary.rows_dp": "the DP count of the training rows",
         "summary.batch_size": "expected batch, a share of the DP row count",
         "summary.sample_rate": "q", "summary.noise_multiplier": "sigma, calibrated for q",
         "summary.epsilon_rdp": "the ledger's epsilon (RDP)", "summary.epsilon_pld": "the ledger's epsilon (PLD)",
     }),
     *_fields(MODEL_STATE, DP, _SCHEMA, {
-        "summary.schema_notes[]": "what DP schema inference fell back on",
+        "summary.schema_notes[]": "what DP schema inference fell back on, and per column its kind, how many "
+                                  "categories or bins passed, whether 'other' and missing exist, its budget",
         # shares of the budget; how delta is split follows the column kinds, which are decided with DP
-        "ledger.events[].epsilon": "epsilon of a schema-inference step", "ledger.events[].delta": "its delta",
-        "summary.schema_epsilon": "epsilon spent on the schema", "summary.schema_delta": "delta spent on it",
+        "ledger.events[].epsilon": "epsilon of a schema-inference step", "ledger.events[].delta": "its delta "
+                                   "(the thresholds of the category sets)",
+        "summary.schema_epsilon": "epsilon spent on the schema (its marginal cost within the run)",
+        "summary.schema_delta": "delta spent on it",
     }),
     *_fields(MODEL_SCHEMA, DP, _SCHEMA, {"*": "the schema: inferred with DP, or given (then public)"}),
     *_fields(MODEL_PARAMS, DP, _SCHEMA, {"*": "model shape (configuration) and vocabulary size (schema)"}),
     *_fields(MODEL_WEIGHTS, DP, _TRAINED, {"": "the DP-SGD-trained weights"}),
+    *_fields(MODEL_STATE, PUBLIC, (), {"summary.marginal_queries": "how many marginals were measured (the "
+                                       "column count and pairs_per_column: configuration)"}),
+    *_fields(MODEL_STATE, DP, (*_COUNT, MARGINALS_LABEL), {
+        "summary.marginal_sigma": "noise std of every marginal cell, set by the budget share (inputs)"}),
+    *_fields(MODEL_MARGINALS, DP, _TRAINED, {
+        "queries[][]": "which columns and pairs were measured (pairs chosen from DP model samples)",
+        "groups_1[][]": "value groups of each column's 1-way marginal (from DP model samples)",
+        "groups_2[][]": "value groups of each column in pairs (from DP model samples)",
+        "sigma": "noise std of every cell (set by the budget share)", "total": "the DP row count"}),
+    *_fields(MODEL_MARGINALS, DP, _MEASURED, {"counts[][]": "the noisy marginal counts (Gaussian mechanism)"}),
     # -- the synthetic table -----------------------------------------------------------------------------
     *_fields(SYNTHETIC_CSV, DP, _SCHEMA, {"header": "column names (the schema's)"}),
-    *_fields(SYNTHETIC_CSV, DP, _TRAINED, {
-        "rows": "sampled from the DP model (post-processing)",
+    *_fields(SYNTHETIC_CSV, DP, _MEASURED, {
+        "rows": "sampled from the DP model and resampled with the noisy marginals (post-processing)",
         "row_count": "--rows when given (public), else the DP row count",
     }),
     # -- the run folder (--run-dir): the data holder's, mode 0700 --------------------------------------------
     *_fields("run/plan.json", HOLDER, (), {"*": "the plan a resumed fit reuses, with a hash of the table"}),
     *_fields("run/train/*", HOLDER, (), {"*": "training checkpoints (weights, optimizer, ledger so far)"}),
+    *_fields("run/marginals.json", HOLDER, (), {"*": "the measured marginals, kept so a resumed fit reuses them"}),
+    # -- `tramontane schema init`: the header's column names and the command line, no row ------------------
+    *_fields(SCHEMA_DRAFT, PUBLIC, (), {"*": "the draft schema: column names, declared kinds and ranges, todos"}),
     # -- the terminal: the data holder's ----------------------------------------------------------------------
     *_fields(STDERR, PUBLIC, (), {
         "training a DP synthesizer at epsilon=*": "what is being run (inputs)",
         "saved the synthesizer *": "where the model went",
         "release (shareable): *": "where the shareable report went",
         "evaluation (data holder only*": "where the holder's evaluation went",
+
+        "wrote a draft schema of * columns to *": "`schema init`: the header's column count, the output",
+        "to fill in from public knowledge*": "`schema init`: the columns left to fill in (names, public)",
+        "every column is complete*": "`schema init`: nothing left to fill in",
     }),
     *_fields(STDERR, DP, _TRAINED, {
         "trained on about * rows (a DP count*": "the DP row count, sigma and q",
@@ -133,6 +158,8 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
     }),
     *_fields(STDERR, HOLDER, (), {
         "DP-SGD *": "progress of training (shown to the data holder while it runs; its timing grows with N)",
+        "utility (data holder only, not DP): *": "marginal TVD and ML efficacy against the real rows (the "
+                                                  "holder's evaluation, summarised)",
     }),
 ])
 

@@ -9,7 +9,11 @@ off the data without DP (allowed, with a loud warning, so that a report can say 
 
 A column is
 - categorical: an ordered list of allowed values (str, int, float or bool). A marker such as Adult's `?` is
-  an ordinary category; a real missing value (NaN/None) is its own value when `missing=True`.
+  an ordinary category; a real missing value (NaN/None) is its own value when `missing=True`. With
+  `other=True` the public sentinel `OTHER` ("__other__") is the last category and every value outside the
+  others (a rare value DP inference left out, a value nobody listed) is read as it instead of being refused:
+  `conform` maps it there, `value_index` gives it the sentinel's id (a missing value too, unless
+  `missing=True`).
 - integer / float: a range [lo, hi] and bin edges (default 100 equal-width bins, as in synlm, arXiv
   2306.04803). A number is represented by its bin; decoding returns a representative value inside the bin
   (the bin centre; for integers the centre rounded, clipped to the integers the bin holds). Integer bins
@@ -22,6 +26,9 @@ codec (`codec.py`) and the metrics build on them.
 
 Numbers are read from each entry's value, never from the dtype pandas guessed (`parse_numbers`): a column
 read as text ("42", " 3.5") is as numeric as an int64 one, and one odd row cannot change how the others read.
+
+A column still marked `todo` (a placeholder `tramontane schema init` wrote for the user to fill in) is
+refused by `from_dict`/`Schema.load` with the column's name and what to fill in.
 
 Rows are private: errors name the column and the rule it breaks (and the fix), never a value from the rows
 nor an exact count. `Schema.problems(df, show_values=True)` adds a few examples and their number, for the
@@ -49,6 +56,8 @@ KINDS = ("categorical", "integer", "float")
 NUMERIC_KINDS = ("integer", "float")
 DEFAULT_N_BINS = 100  # synlm's default (`--nbins 100`)
 MAX_CATEGORIES = 1000  # inference refuses columns with more distinct values than this
+OTHER = "__other__"  # the catch-all category of a column with other=True (public: a constant of the code)
+TODO_KEY = "todo"  # a column carrying it is a placeholder for the user to fill in (`schema init`)
 _MAX_EXAMPLES = 3  # offending values quoted in an error message
 
 
@@ -92,6 +101,7 @@ class ColumnSpec:
     hi: float | None = None
     edges: tuple[float, ...] = ()  # numeric: bin i is [edges[i], edges[i+1]), the last one closed
     missing: bool = False  # NaN/None is a value of its own
+    other: bool = False  # categorical: OTHER is the last category and takes every value outside the others
 
     def __post_init__(self) -> None:
         where = f"column {self.name!r}"
@@ -101,6 +111,11 @@ class ColumnSpec:
             raise SchemaError(f"{where}: kind must be one of {list(KINDS)}, got {self.kind!r}")
         if not isinstance(self.missing, bool):
             raise SchemaError(f"{where}: missing must be true or false, got {self.missing!r}")
+        if not isinstance(self.other, bool):
+            raise SchemaError(f"{where}: other must be true or false, got {self.other!r}")
+        if self.other and self.kind != "categorical":
+            raise SchemaError(f"{where} is {self.kind}: only a categorical column takes other=true (numbers "
+                              "outside [lo, hi] are clipped instead)")
         if self.kind == "categorical":
             self._check_categorical(where)
         else:
@@ -110,6 +125,8 @@ class ColumnSpec:
         if self.lo is not None or self.hi is not None or self.edges:
             raise SchemaError(f"{where} is categorical: it takes categories, not lo/hi/edges")
         cats = tuple(_python_scalar(c) for c in self.categories)
+        if self.other:  # the sentinel goes last, whether or not it was listed
+            cats = tuple(c for c in cats if not (isinstance(c, str) and c == OTHER)) + (OTHER,)
         for c in cats:
             if not isinstance(c, (str, int, float, bool)) or (isinstance(c, float) and not math.isfinite(c)):
                 raise SchemaError(
@@ -179,8 +196,10 @@ class ColumnSpec:
         return out
 
     @classmethod
-    def categorical(cls, name: str, categories: Sequence[Any], missing: bool = False) -> "ColumnSpec":
-        return cls(name, "categorical", tuple(categories), missing=missing)
+    def categorical(cls, name: str, categories: Sequence[Any], missing: bool = False,
+                    other: bool = False) -> "ColumnSpec":
+        """A categorical column; `other=True` appends the catch-all `OTHER` (module docstring)."""
+        return cls(name, "categorical", tuple(categories), missing=missing, other=other)
 
     @classmethod
     def numeric(
@@ -229,6 +248,39 @@ class ColumnSpec:
     def missing_id(self) -> int | None:
         return self.n_values - 1 if self.missing else None
 
+    @property
+    def other_id(self) -> int | None:
+        """Value id of the catch-all `OTHER` category (the last category), None without one."""
+        return len(self.categories) - 1 if self.other else None
+
+    def bin_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of every bin clipped to [lo, hi]: the integers first..last of an integer column's bin
+        (low > high for a bin that holds none), the interval [low, high) of a float column's."""
+        edges = np.asarray(self.edges, dtype=np.float64)
+        a, b = edges[:-1], edges[1:]
+        if self.kind == "integer":
+            low = np.maximum(np.ceil(a), self.lo)
+            high = np.minimum(np.ceil(b) - 1, self.hi)
+            high[-1] = min(math.floor(b[-1]), self.hi)
+            return low, high
+        return np.maximum(a, self.lo), np.minimum(b, self.hi)
+
+    def draw_values(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Numbers for value ids [N]: each drawn uniformly inside its bin (NaN for missing), so decoded numbers
+        do not pile up on the bins' representatives."""
+        if not self.is_numeric:
+            raise SchemaError(f"column {self.name!r} is categorical: its values are its categories")
+        out = np.full(len(ids), np.nan)
+        present = ids != self.missing_id if self.missing else np.ones(len(ids), dtype=bool)
+        low, high = self.bin_bounds()
+        lo_i, hi_i = low[ids[present]], high[ids[present]]
+        u = rng.random(int(present.sum()))
+        if self.kind == "integer":
+            out[present] = lo_i + np.floor(u * (hi_i - lo_i + 1))
+        else:
+            out[present] = lo_i + u * (hi_i - lo_i)
+        return out
+
     def values(self) -> list[Any]:
         """The decoded value of every value id (NaN for missing)."""
         base = self._representatives() if self.is_numeric else list(self.categories)
@@ -238,11 +290,14 @@ class ColumnSpec:
         """Value id of every entry [N] (int64); -1 where the entry is outside the schema.
 
         With `clip=True` numbers outside [lo, hi] take the first/last bin (and non-integers an integer
-        column's bin of their rounded value) instead of -1; unknown categories stay -1.
+        column's bin of their rounded value) instead of -1; unknown categories stay -1, or (`other`) take
+        the id of `OTHER` with or without `clip`, like a missing entry when `missing` is false.
         """
         isna = series.isna().to_numpy()
         if self.kind == "categorical":
             ids = pd.Index(list(self.categories), dtype=object).get_indexer(series).astype(np.int64)
+            if self.other:
+                ids[ids < 0] = self.other_id
         else:
             x = _as_numbers(series)
             if x is None and not clip:  # some entry is not a number: every present entry is invalid
@@ -263,24 +318,31 @@ class ColumnSpec:
         if self.missing:
             ids[isna] = self.n_values - 1
         else:
-            ids[isna] = -1
+            ids[isna] = -1 if self.other_id is None else self.other_id
         return ids
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
         if self.kind == "categorical":
-            out["categories"] = list(self.categories)
+            out["categories"] = list(self.categories[:-1] if self.other else self.categories)
         else:
             out.update(lo=self.lo, hi=self.hi, edges=list(self.edges))
         out["missing"] = self.missing
+        if self.other:  # written only when set: files without it read as before
+            out["other"] = True
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ColumnSpec":
         if not isinstance(data, Mapping):
             raise SchemaError(f"a column must be a mapping with name and kind, got {data!r}")
-        known = {"name", "kind", "categories", "lo", "hi", "edges", "n_bins", "missing"}
+        known = {"name", "kind", "categories", "lo", "hi", "edges", "n_bins", "missing", "other"}
         name = data.get("name")
+        if TODO_KEY in data:
+            raise SchemaError(
+                f"column {name!r} is still a placeholder ({TODO_KEY}: {data[TODO_KEY]}). Fix: fill it in from "
+                f"public knowledge and delete its {TODO_KEY!r} key, or remove the column from the schema (and "
+                "from the data)")
         unknown = sorted(set(data) - known)
         if unknown:
             raise SchemaError(f"column {name!r}: unknown key(s) {unknown}; allowed: {sorted(known)}")
@@ -295,8 +357,10 @@ class ColumnSpec:
             cats = data.get("categories", [])
             if not isinstance(cats, list):
                 raise SchemaError(f"column {name!r}: categories must be a list, got {cats!r}")
-            return cls(name, kind, tuple(cats), missing=missing)
+            return cls(name, kind, tuple(cats), missing=missing, other=data.get("other", False))
         if kind in NUMERIC_KINDS:
+            if data.get("other", False) is not False:
+                raise SchemaError(f"column {name!r} is {kind}: only a categorical column takes other")
             if "categories" in data:
                 raise SchemaError(f"column {name!r} is {kind}: it takes lo/hi, not categories")
             if "lo" not in data or "hi" not in data:
@@ -475,8 +539,9 @@ class Schema:
             raise SchemaError("the data does not match the schema:\n  - " + "\n  - ".join(problems))
 
     def conform(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Make `df` fit: numbers clipped into [lo, hi] (integers rounded), rows holding an unknown category,
-        a non-numeric entry in a numeric column or a disallowed missing value dropped; schema column order.
+        """Make `df` fit: numbers clipped into [lo, hi] (integers rounded), values outside the categories
+        of a column with `other` mapped to `OTHER`, rows holding another unknown category, a non-numeric entry
+        in a numeric column or a disallowed missing value dropped; schema column order.
 
         Each row is mapped or dropped on its own, independently of the other rows, so neighbouring data sets
         stay neighbouring and DP training on the result keeps its guarantee for the original rows. Unknown
@@ -487,11 +552,16 @@ class Schema:
         keep = np.ones(len(df), dtype=bool)
         for spec in self.columns:
             s = df[spec.name]
-            keep &= spec.value_index(s, clip=True) >= 0
+            ids = spec.value_index(s, clip=True)
+            keep &= ids >= 0
             if spec.is_numeric:
                 x = parse_numbers(s)[0]  # the rows of entries that are not numbers are dropped above
                 x = np.clip(np.round(x) if spec.kind == "integer" else x, spec.lo, spec.hi)
                 out[spec.name] = x
+            elif spec.other:
+                values = s.to_numpy(dtype=object).copy()
+                values[ids == spec.other_id] = OTHER
+                out[spec.name] = values
             else:
                 out[spec.name] = s.to_numpy()
         frame = pd.DataFrame({n: v[keep] for n, v in out.items()})
@@ -511,8 +581,9 @@ class Schema:
             return np.zeros((0, len(self)), dtype=np.int64)
         return np.stack([spec.value_index(df[spec.name]) for spec in self.columns], axis=1)
 
-    def frame_from_value_ids(self, ids: np.ndarray) -> pd.DataFrame:
-        """Inverse of `value_ids` (numbers come back as their bin's value).
+    def frame_from_value_ids(self, ids: np.ndarray, rng: np.random.Generator | None = None) -> pd.DataFrame:
+        """Inverse of `value_ids`: numbers come back as their bin's value, or, with `rng`, drawn uniformly
+        inside their bin (`ColumnSpec.draw_values`).
 
         dtypes: integer columns int64 (float64 if a missing value occurs), float columns float64,
         categorical columns pandas' default for their values (strings: `str`), missing as NaN.
@@ -528,7 +599,7 @@ class Schema:
                                 f"{_show(np.unique(col[(col < 0) | (col >= spec.n_values)]))}")
             table = spec.values()
             if spec.is_numeric:
-                values = np.asarray(table, dtype=np.float64)[col]
+                values = spec.draw_values(col, rng) if rng is not None else np.asarray(table, dtype=np.float64)[col]
                 if spec.kind == "integer" and not np.isnan(values).any():
                     values = values.astype(np.int64)
                 out[spec.name] = values
@@ -562,6 +633,12 @@ class Schema:
         cols = data.get("columns")
         if not isinstance(cols, list):
             raise SchemaError("a schema needs a 'columns' list")
+        todo = [c.get("name") for c in cols if isinstance(c, Mapping) and TODO_KEY in c]
+        if todo:
+            raise SchemaError(
+                f"column(s) {todo} are still placeholders to fill in (each says what in its {TODO_KEY!r}). Fix: "
+                f"fill them in from public knowledge and delete their {TODO_KEY!r} keys, or remove the columns "
+                "from the schema (and from the data)")
         metadata = data.get("metadata", {})
         if not isinstance(metadata, Mapping):
             raise SchemaError(f"schema metadata must be a mapping, got {metadata!r}")
@@ -619,7 +696,7 @@ def _column_problems(spec: ColumnSpec, s: pd.Series, show_values: bool = False) 
 
     out = []
     isna = s.isna().to_numpy()
-    if isna.any() and not spec.missing:
+    if isna.any() and not spec.missing and not spec.other:
         out.append(f"{where} has missing values but the schema says missing: false. Fix: set missing: true "
                    "for the column in the schema, or drop the rows where it is missing")
     present = s[~isna]

@@ -14,8 +14,14 @@ of rows N is private too. What `fit` reads from the rows, in order, each on the 
 - DP-SGD: Poisson sampling at q, clipping to `max_grad_norm`, Gaussian noise calibrated *exactly* with the
   accountant so that the whole ledger (schema, count, steps) is (epsilon, delta)-DP; the batch size follows
   the TAN rule (Sander et al., arXiv 2210.03403): large batches with sigma in the 2..4 sweet spot.
-Sampling and saving are post-processing. Rows are never logged. What each written field is (DP, public, or
-for the data holder only) is listed in `tramontane.synth.release`.
+- measured marginals (`marginals.py`, `marginal_share` of the budget's zCDP rho, planned before training so
+  DP-SGD's noise is calibrated for them too): every column's 1-way marginal and about `pairs_per_column` x d
+  pairs (a maximum spanning tree of mutual information, and more), grouped and chosen from the trained
+  model's own samples, counted on the rows with Gaussian noise (one Gaussian event).
+Sampling and saving are post-processing: `sample` draws rows from the model and resamples them with the
+tilt that best fits the noisy marginals; numbers are drawn uniformly inside their bins. Rows are never
+logged. What each written field is (DP, public, or for the data holder only) is listed in
+`tramontane.synth.release`.
 The ledger travels with the saved synthesizer. A budget that cannot be met is refused before any private
 read when it can be known then; a refusal after a spend keeps that spend on `Synthesizer.ledger`.
 """
@@ -40,14 +46,16 @@ import torch
 from torch import nn
 
 from tramontane import accounting
-from tramontane.accounting import EpsilonDeltaEvent, GaussianEvent, PrivacyLedger
+from tramontane.accounting import GaussianEvent, PrivacyLedger
 from tramontane.dp.noise import SecureRandom, derive_seed
 from tramontane.errors import ConfigError, DataError, PrivacyError, PrivacyParameterError, SchemaError
 from tramontane.models import ModelArgs, Transformer
 from tramontane.models.checkpoint import load_model, save_model
+from tramontane.synth import marginals
 from tramontane.synth.codec import EncodedRows, TabularCodec
 from tramontane.synth.dp_schema import SchemaInference, infer_schema
-from tramontane.synth.sampling import sample_rows
+from tramontane.synth.marginals import MarginalSet
+from tramontane.synth.sampling import sample_tokens
 from tramontane.synth.schema import Schema
 from tramontane.training import TrainConfig, Trainer
 from tramontane.training.state import write_json_atomic
@@ -55,6 +63,7 @@ from tramontane.training.state import write_json_atomic
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "synthesizer.json"
+MARGINALS_FILE = "marginals.json"
 STATE_FORMAT = "tramontane.synthesizer"
 STATE_VERSION = 2  # 2: DP row count, no exact row counts
 MIN_BATCH = 8  # expected rows per DP-SGD step below which a run cannot learn: refused rather than wasted
@@ -80,9 +89,17 @@ class SynthConfig:
     augmentations: int = 1  # K column-permuted copies of a row inside its one clipped gradient
     permute_columns: bool = True
     accountant: str = "rdp"
-    schema_budget_share: float = 0.1  # of epsilon and delta, when the schema is inferred with DP
+    schema_budget_share: float = 0.3  # at most this share of rho and delta for a DP schema (1% a column)
     row_count_noise: float = 20.0  # std of the Gaussian noise on the released row count (sensitivity 1)
     temperature: float = 1.0
+    # Measured marginals that calibrate the model's samples (`marginals.py`): this share of the budget's
+    # zCDP rho, over at most `marginal_groups` value groups per column (`pair_groups` in the tree's pairs),
+    # the tilt fitted on `pool_factor` x the DP row count of model samples. 0 turns calibration off.
+    marginal_share: float = 0.3
+    marginal_groups: int = 32
+    pair_groups: int = 8
+    pairs_per_column: float = 2.0
+    pool_factor: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps", "micro_batch_size",
@@ -100,13 +117,23 @@ class SynthConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if not 0 < self.schema_budget_share < 1:
             raise ConfigError(f"schema_budget_share must be in (0, 1), got {self.schema_budget_share}")
+        if not 0 <= self.marginal_share < 1:
+            raise ConfigError(f"marginal_share must be in [0, 1), got {self.marginal_share!r}")
+        for name in ("marginal_groups", "pair_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ConfigError(f"{name} must be a whole number >= 2, got {value!r}")
+        for name in ("pool_factor", "pairs_per_column"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 1.0 <= value <= 100):
+                raise ConfigError(f"{name} must be a number in [1, 100], got {value!r}")
         if not 0 < self.max_batch_fraction <= 1:
             raise ConfigError("max_batch_fraction must be in (0, 1]")
         if self.accountant not in accounting.ACCOUNTANTS:
             raise ConfigError(f"accountant must be one of {list(accounting.ACCOUNTANTS)}, got {self.accountant!r}")
 
     @classmethod
-    def fast(cls) -> "SynthConfig":
+    def fast(cls) -> SynthConfig:
         """A shorter run with smaller batches (a few minutes on 2 CPU cores for Adult), lower utility."""
         return cls(steps=40, noise_multiplier_target=2.0, warmup_steps=3)
 
@@ -134,6 +161,8 @@ class FitSummary:
     schema_epsilon: float
     schema_delta: float
     schema_notes: list[str] = field(default_factory=list)
+    marginal_sigma: float = 0.0  # noise std of every measured marginal cell (0: none measured)
+    marginal_queries: int = 0  # how many marginals were measured (ledger event "marginals")
 
 
 @dataclass
@@ -206,9 +235,11 @@ class _FitPlan:
     noise_multiplier: float
     ledger: dict[str, Any]  # the ledger when training starts
     fingerprint: str
+    marginal_sigma: float = 0.0  # planned noise of the marginals measured after training (0: none)
+    marginal_queries: int = 0
 
     @classmethod
-    def read(cls, run_dir: Path) -> "_FitPlan | None":
+    def read(cls, run_dir: Path) -> _FitPlan | None:
         path = run_dir / PLAN_FILE
         if not path.is_file():
             return None
@@ -269,6 +300,7 @@ class Synthesizer:
         self.model: Transformer | None = None
         self.codec: TabularCodec | None = None
         self.schema_inference: SchemaInference | None = None
+        self.marginals: MarginalSet | None = None
         self.summary: FitSummary | None = None
         self.diagnostics: FitDiagnostics | None = None
 
@@ -284,9 +316,11 @@ class Synthesizer:
         return (f"This attempt spent epsilon {spent:.4g} at delta {self.delta:g} on the data; it counts, and it "
                 "stays on this synthesizer's ledger." if len(self.ledger) else "Nothing was spent.")
 
-    def _plan_batch(self, rows_dp: int, epsilon: float, delta: float) -> tuple[int, float, float]:
+    def _plan_batch(self, rows_dp: int, epsilon: float, delta: float,
+                    later: tuple[GaussianEvent, ...] = ()) -> tuple[int, float, float]:
         """TAN rule on the DP row count: the expected batch whose calibrated sigma is near the target, then
-        sigma exactly, for the whole ledger (what is already on it plus this run). (batch, q, sigma)."""
+        sigma exactly, for the whole ledger (what is already on it, this run, and the `later` releases
+        planned after it). (batch, q, sigma)."""
         c = self.config
         eta = accounting.eta_for_eps_tan(epsilon, delta)
         batch = eta * c.noise_multiplier_target * math.sqrt(2.0 / c.steps) * rows_dp
@@ -300,26 +334,38 @@ class Synthesizer:
         q = min(1.0, batch / rows_dp)
         try:
             cal = accounting.calibrate_noise_multiplier(self.epsilon, self.delta, q, c.steps,
-                                                        accountant=c.accountant, prior=self.ledger)
+                                                        accountant=c.accountant,
+                                                        prior=[*self.ledger.events, *later])
         except PrivacyParameterError as err:
             raise PrivacyParameterError(f"{err} {self._spent_note()}") from None
         return batch, q, cal.noise_multiplier
 
     def _infer_schema(self, df: pd.DataFrame) -> Schema:
-        share = self.config.schema_budget_share
-        private = not self.allow_non_private_schema
-        try:
-            inference = infer_schema(df, epsilon=self.epsilon * share if private else None,
-                                     delta=self.delta * share if private else None,
-                                     allow_non_private=self.allow_non_private_schema)
-        except SchemaError as err:
-            spend = getattr(err, "spend", ())
-            for s in spend:  # what the failed inference spent stays on the ledger the caller holds
-                if s.epsilon > 0 or s.delta > 0:
-                    self.ledger.append(EpsilonDeltaEvent(s.epsilon, s.delta, label=s.label))
-            if spend:  # the message already says what was spent and that it counts
-                raise SchemaError(f"{err} It is recorded on this synthesizer's ledger.") from None
-            raise
+        """The schema of `df` inferred with Gaussian mechanisms (`dp_schema.infer_schema(rho=...)`) from a share
+        of the whole ledger: `dp_schema.schema_share` of the columns, at most `schema_budget_share`, of the
+        rho and delta of the budget (`dp_schema.schema_budget`). DP-SGD is then calibrated with the ledger as
+        its prior, so the inference's events are composed exactly. Without DP when allowed."""
+        from dataclasses import replace
+
+        from tramontane.synth.dp_schema import schema_budget, schema_share
+
+        if self.allow_non_private_schema:
+            inference = infer_schema(df, allow_non_private=True)
+        else:
+            share = schema_share(df.shape[1], self.config.schema_budget_share)
+            budget = schema_budget(self.epsilon, self.delta, share, prior=self.ledger)
+            try:
+                inference = infer_schema(df, rho=budget.rho, delta=budget.delta)
+            except SchemaError as err:
+                events = getattr(err, "events", ())
+                for event in events:  # what the failed inference spent stays on the ledger the caller holds
+                    self.ledger.append(event)
+                if events:  # the message already says what was spent and that it counts
+                    spent = accounting.epsilon(self.ledger, self.delta, self.config.accountant)
+                    raise SchemaError(f"{err} This fit has spent epsilon {spent:.4g} (at delta {self.delta:g}) "
+                                      "so far; it is recorded on this synthesizer's ledger.") from None
+                raise
+            inference = replace(inference, epsilon_share=budget.epsilon_share)
         self.schema_inference = inference
         for event in inference.ledger_events():
             self.ledger.append(event)
@@ -347,11 +393,18 @@ class Synthesizer:
         rows_dp = self._count_rows(len(rows))
         inference = self.schema_inference
         eps_train = self.epsilon - (inference.epsilon if inference else 0.0)
-        batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta)
+        later: tuple[GaussianEvent, ...] = ()
+        m_sigma, m_queries = 0.0, 0
+        if self.config.marginal_share > 0:
+            m_queries = marginals.n_queries(len(schema), self.config.pairs_per_column)
+            m_sigma = marginals.noise_for_share(self.epsilon, self.delta, self.config.marginal_share, m_queries)
+            later = (GaussianEvent(m_sigma, m_queries, label=marginals.MARGINALS_LABEL),)
+            eps_train = marginals.epsilon_after_share(eps_train, self.delta, self.config.marginal_share)
+        batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta, later)
         plan = _FitPlan(self._settings(), schema.to_dict(), source,
                         inference.epsilon if inference else 0.0, inference.delta if inference else 0.0,
                         list(inference.notes) if inference else [], rows_dp, batch, q, sigma,
-                        self.ledger.to_dict(), _fingerprint(schema, rows))
+                        self.ledger.to_dict(), _fingerprint(schema, rows), m_sigma, m_queries)
         return schema, rows, plan
 
     def _settings(self) -> dict[str, Any]:
@@ -379,7 +432,7 @@ class Synthesizer:
 
     def fit(self, df: pd.DataFrame, *, test: pd.DataFrame | None = None,
             on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-            run_dir: str | Path | None = None, checkpoint_every: int = 10) -> "Synthesizer":
+            run_dir: str | Path | None = None, checkpoint_every: int = 10) -> Synthesizer:
         """Train on `df` (the private table). `test`, if given, is held-out data (never trained on) whose
         per-row NLL is tracked for the data holder's learning curve (`diagnostics`, not DP).
 
@@ -449,6 +502,8 @@ class Synthesizer:
         if result.ledger is not self.ledger:
             raise AssertionError("the trainer must spend on the synthesizer's ledger")
         self.model, self.codec, self.schema = model, codec, schema
+        if plan.marginal_queries:
+            self.marginals = self._measure_marginals(plan, vids, run_dir)
         spent = {acc: accounting.epsilon(self.ledger, self.delta, acc) for acc in ("rdp", "pld")}
         self.summary = FitSummary(
             rows_dp=plan.rows_dp, row_count_noise=c.row_count_noise, steps=result.steps,
@@ -456,12 +511,35 @@ class Synthesizer:
             max_grad_norm=c.max_grad_norm, accountant=c.accountant, epsilon_rdp=spent["rdp"],
             epsilon_pld=spent["pld"], delta=self.delta, schema_source=plan.schema_source,
             schema_epsilon=plan.schema_epsilon, schema_delta=plan.schema_delta,
-            schema_notes=list(plan.schema_notes))
+            schema_notes=list(plan.schema_notes), marginal_sigma=plan.marginal_sigma,
+            marginal_queries=plan.marginal_queries)
         self.diagnostics = FitDiagnostics(rows_given=len(df), rows_used=len(rows), heldout_curve=result.history,
                                           seconds=time.perf_counter() - start)
         if spent[c.accountant] > self.epsilon * (1 + 1e-9):
             raise AssertionError("spent more than the budget")  # guarded by the trainer; never expected
         return self
+
+    def _measure_marginals(self, plan: _FitPlan, vids: np.ndarray, run_dir: Path | None) -> MarginalSet:
+        """Choose the marginals from model samples (free) and measure them on the private rows (the planned
+        Gaussian event goes on the ledger). In a run folder the result is kept, so a resumed
+        fit reuses it instead of measuring again."""
+        c = self.config
+        path = run_dir / MARGINALS_FILE if run_dir is not None else None
+        if path is not None and path.is_file():
+            ms = MarginalSet.from_dict(json.loads(path.read_text()))
+        else:
+            rng = np.random.default_rng(None if self.seed is None else derive_seed(self.seed, "marginal pool"))
+            pool = self._model_ids(max(1000, int(c.pool_factor * plan.rows_dp)), rng)
+            ms = marginals.select(self.schema, pool, plan.marginal_sigma, plan.rows_dp, c.marginal_groups,
+                                  c.pair_groups, c.pairs_per_column)
+            if len(ms.queries) != plan.marginal_queries:
+                raise AssertionError("the plan's marginal count must match what is measured")
+            noise_seed = None if self.noise_seed is None else derive_seed(self.noise_seed, "marginals")
+            marginals.measure(ms, vids, noise_seed)
+            if path is not None:
+                write_json_atomic(path, ms.to_dict())
+        self.ledger.append(ms.event())
+        return ms
 
     # -- using the model ------------------------------------------------------------------------------
     def _fitted(self) -> tuple[Transformer, TabularCodec]:
@@ -469,15 +547,30 @@ class Synthesizer:
             raise ConfigError("the synthesizer is not fitted: call fit(df) or Synthesizer.load(dir) first")
         return self.model, self.codec
 
-    def sample(self, n: int, seed: int | None = None, batch_size: int = 2048) -> pd.DataFrame:
-        """n synthetic rows, every one valid under the schema; reproducible when `seed` is given."""
+    def _model_ids(self, n: int, rng: np.random.Generator, batch_size: int = 2048) -> np.ndarray:
+        """Value ids [n, d] of rows drawn from the language model itself (no calibration)."""
         model, codec = self._fitted()
-        if n < 0:
-            raise ConfigError(f"n must be >= 0, got {n}")
-        if seed is None:
-            seed = self.seed
-        return sample_rows(model, codec, n, order="random" if self.config.permute_columns else None,
-                           temperature=self.config.temperature, seed=seed, batch_size=batch_size)
+        tokens = sample_tokens(model, codec, n, order="random" if self.config.permute_columns else None,
+                               temperature=self.config.temperature, seed=int(rng.integers(2**62)),
+                               batch_size=batch_size)
+        return codec.decode_value_ids(tokens)
+
+    def sample(self, n: int, seed: int | None = None, batch_size: int = 2048) -> pd.DataFrame:
+        """n synthetic rows, every one valid under the schema; reproducible when `seed` is given.
+
+        With measured marginals, the rows are drawn from `pool_factor` x n rows of the language model with
+        probability proportional to the fitted tilt (`marginals.resample`); numbers are drawn uniformly
+        inside their bins."""
+        self._fitted()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(f"n must be a whole number >= 0, got {n!r}")
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        if self.marginals is None:
+            ids = self._model_ids(n, rng, batch_size)
+        else:
+            pool = self._model_ids(math.ceil(self.config.pool_factor * n), rng, batch_size)
+            ids = marginals.resample(self.marginals, pool, n, rng)
+        return self.schema.frame_from_value_ids(ids, rng)
 
     def log_likelihood(self, df: pd.DataFrame) -> np.ndarray:
         """Per-row log-likelihood (nats) of `df` under the model, columns in schema order."""
@@ -517,6 +610,8 @@ class Synthesizer:
         try:
             save_model(model, tmp / "model", format="consolidated")
             self.schema.save(tmp / "schema.json")
+            if self.marginals is not None:
+                (tmp / MARGINALS_FILE).write_text(json.dumps(self.marginals.to_dict()))
             # Only DP and public fields (tramontane.synth.release); the data holder's diagnostics stay out.
             state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epsilon": self.epsilon,
                      "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
@@ -536,7 +631,7 @@ class Synthesizer:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Synthesizer":
+    def load(cls, directory: str | Path) -> Synthesizer:
         """A synthesizer saved by `save`; `ConfigError` naming the problem for anything else."""
         directory = Path(directory)
         if not directory.exists():
@@ -566,6 +661,12 @@ class Synthesizer:
         synth.model, _ = load_model(directory / "model")
         synth.model.eval()
         synth.codec = TabularCodec(synth.schema)
+        if (directory / MARGINALS_FILE).is_file():
+            try:
+                synth.marginals = MarginalSet.from_dict(json.loads((directory / MARGINALS_FILE).read_text()))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConfigError(f"{directory / MARGINALS_FILE} is damaged ({type(err).__name__}): save the "
+                                  "synthesizer again") from None
         return synth
 
 
