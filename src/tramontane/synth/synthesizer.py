@@ -7,8 +7,9 @@ rows are sampled column by column under the schema's constraints, so every sampl
 
 Privacy unit: one row of the table. Neighbouring tables differ by adding or removing one row, so the number
 of rows N is private too. What `fit` reads from the rows, in order, each on the ledger:
-- the schema, only when none is given: `dp_schema.infer_schema` spends `schema_budget_share` of epsilon and
-  delta ((epsilon, delta) events, one per column); a given schema is a public input;
+- the schema, only when none is given: `dp_schema.infer_schema` spends 1% of the budget's rho per column (at
+  most `schema_budget_share`) with Gaussian mechanisms (one Gaussian event, plus the thresholds' delta); a
+  given schema is a public input;
 - the row count: N + N(0, row_count_noise^2) (a Gaussian event). This DP count, never N, sets the sampling
   rate q = batch / count, the expected batch and the default number of synthetic rows;
 - DP-SGD: Poisson sampling at q, clipping to `max_grad_norm`, Gaussian noise calibrated *exactly* with the
