@@ -128,10 +128,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tramontane.generation import decode_steps
 
     if args.image:
-        from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-        from mistral_common.protocol.instruct.messages import UserMessage
-
-        from tramontane.models.vision import generate_with_images, load_image
+        from tramontane.generation.multimodal import generate_with_images
+        from tramontane.models.vision import encode_image_chat, image_message, load_image
 
     options = _sampling(args)  # every option and image before the model
     if args.image:
@@ -156,20 +154,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         text = line.rstrip("\n")
         if args.image and turn == 0:
-            messages.append(UserMessage(content=[ImageChunk(image=p) for p in pictures] + [TextChunk(text=text)]))
+            messages.append(image_message(text, pictures))
         else:
             messages.append({"role": "user", "content": text})
         params = options
         if options.seed is not None:  # a new but reproducible draw each turn
             params = dataclasses.replace(options, seed=options.seed + turn)
         if args.image:  # images: the whole reply at once (prefill reads the spliced image features)
-            import numpy as np
-            import torch
-
-            tokenized = tokenizer.encode_chat_full(messages)
-            images = [torch.from_numpy(np.ascontiguousarray(a)) for a in tokenized.images]
-            [completion] = generate_with_images(model, [list(tokenized.tokens)], [images], params,
-                                                eos_id=tokenizer.eos_id)
+            prompt, images = encode_image_chat(tokenizer, messages)
+            [completion] = generate_with_images(model, [prompt], [images], params, eos_id=tokenizer.eos_id)
             reply = completion.tokens
             print(tokenizer.decode(reply), flush=True)
         else:
@@ -192,7 +185,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """Speech to text with a Voxtral checkpoint (the prompt is built by mistral_common)."""
     import torch
 
-    from tramontane.models.audio import load_audio, load_voxtral, transcribe
+    from tramontane.generation.multimodal import transcribe
+    from tramontane.models.audio import load_audio, load_voxtral
     from tramontane.tokenizer import Tokenizer
 
     params = _sampling(args)  # every option and the audio before the model
@@ -261,6 +255,11 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def _show(value: Any) -> str:
+    """A table cell: floats to 6 significant digits, anything else as str."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def cmd_account(args: argparse.Namespace) -> int:
     """epsilon from (q, sigma, S, delta), or sigma calibrated for (epsilon, delta, q, S)."""
     import warnings
@@ -281,13 +280,8 @@ def cmd_account(args: argparse.Namespace) -> int:
             if args.epsilon is not None:
                 raise TramontaneError("give either --noise-multiplier (to get epsilon) or --epsilon (to get "
                                       "the noise multiplier), not both")
-            report = accounting.tan_report(args.sample_rate, args.noise_multiplier, args.steps, args.delta,
-                                           accountant=args.accountant)
-            result = {"epsilon": report.epsilon, "delta": args.delta, "accountant": report.accountant,
-                      "sample_rate": args.sample_rate, "noise_multiplier": args.noise_multiplier,
-                      "steps": args.steps, "eta": report.eta, "total_amount_of_noise": report.total_amount_of_noise,
-                      "epsilon_tan": report.epsilon_tan, "epsilon_over_epsilon_tan": report.ratio,
-                      "overcharged": report.overcharged}
+            result = accounting.tan_report(args.sample_rate, args.noise_multiplier, args.steps, args.delta,
+                                           accountant=args.accountant).to_dict()
         elif args.epsilon is not None:
             cal = accounting.calibrate_noise_multiplier(args.epsilon, args.delta, args.sample_rate, args.steps,
                                                         accountant=args.accountant)
@@ -303,7 +297,7 @@ def cmd_account(args: argparse.Namespace) -> int:
         print(json.dumps({**result, "warnings": notes}))
     else:
         _print_table(f"privacy of a Poisson-sampled Gaussian mechanism ({result['accountant']} accountant)",
-                     [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in result.items()])
+                     [(k, _show(v)) for k, v in result.items()])
         for note in notes:
             _stderr().print(f"[yellow]warning:[/yellow] {note}")
     return 0
@@ -329,26 +323,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = accounting.plan_constant_tan(args.dataset_size, args.epsilon, args.delta, args.steps,
                                             batch_size_ref=args.reference_batch,
                                             simulated_batch_size=args.simulated_batch, accountant=args.accountant)
-    ref = plan.reference
-    result = {"private_run": {"batch_size": ref.batch_size, "noise_multiplier": ref.noise_multiplier,
-                              "steps": ref.steps, "sample_rate": ref.sample_rate, "epochs": ref.epochs,
-                              "epsilon": plan.epsilon, "delta": plan.delta, "accountant": plan.accountant,
-                              "eta": ref.eta, "epsilon_tan": plan.epsilon_tan}}
-    if plan.simulated is not None:
-        sim = plan.simulated
-        result["simulation"] = {"batch_size": sim.batch_size, "noise_multiplier": sim.noise_multiplier,
-                                "steps": sim.steps, "epochs": sim.epochs, "private": sim.private,
-                                "label": sim.label}
+    result = plan.to_dict()
     notes = [str(w.message) for w in caught]
     if args.json:
         print(json.dumps({**result, "warnings": notes}))
     else:
         _print_table(f"private run at epsilon <= {args.epsilon}, delta = {args.delta}",
-                     [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in result["private_run"].items()])
+                     [(k, _show(v)) for k, v in result["private_run"].items()])
         if "simulation" in result:
             _print_table("simulation for hyper-parameter search (same TAN, NOT PRIVATE)",
-                         [(k, f"{v:.6g}" if isinstance(v, float) else str(v))
-                          for k, v in result["simulation"].items()])
+                         [(k, _show(v)) for k, v in result["simulation"].items()])
         for note in notes:
             _stderr().print(f"[yellow]warning:[/yellow] {note}")
     return 0
@@ -380,29 +364,6 @@ def _add_accounting_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # -- synthetic data ---------------------------------------------------------------------------------------
-
-def _read_table(path: str, schema=None):
-    """A CSV path, or a bundled table's name (`adult` / `adult-test`, `cps1988` / `cps1988-test`)."""
-    from tramontane import datasets
-
-    bundled = datasets.bundled_table(path)
-    if bundled is not None:
-        table, split = bundled
-        return table.load(split)
-    return datasets.read_csv(path, schema=schema)
-
-
-def _load_schema(path: str | None, data: str):
-    from tramontane import datasets
-    from tramontane.synth import Schema
-
-    if path is not None:
-        return Schema.load(path)
-    bundled = datasets.bundled_table(data) if data is not None else None
-    if bundled is not None and bundled[1] == "train":
-        return bundled[0].schema()  # public: written from the data set's documentation
-    return None
-
 
 def _probe_writable(directory: Path, option: str) -> None:
     """Create and remove a file in the nearest existing ancestor of `directory`: the real permission test
@@ -443,14 +404,6 @@ def _check_output(path: str | None, option: str, kind: str, overwrite: bool) -> 
     _probe_writable(target if target.is_dir() else target.parent, option)
 
 
-def _write_csv_atomic(frame, path: str) -> None:
-    from tramontane.files import write_atomic
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, frame.to_csv(index=False))  # shareable: the umask's usual 0644
-
-
 class _Progress:
     """A rich progress bar on stderr fed by the trainer's per-step callback."""
 
@@ -477,7 +430,8 @@ class _Progress:
 
 
 def _fit_synthesizer(args: argparse.Namespace):
-    from tramontane.synth.synthesizer import Synthesizer, SynthConfig
+    from tramontane import datasets
+    from tramontane.synth.synthesizer import SynthConfig, Synthesizer
 
     # Arguments first: nothing private is read before every option has been checked.
     if getattr(args, "rows", None) is not None and args.rows < 0:
@@ -494,11 +448,15 @@ def _fit_synthesizer(args: argparse.Namespace):
     config = SynthConfig.fast() if args.fast else SynthConfig()
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
-    schema = _load_schema(args.schema, args.data)
+    schema = datasets.schema_for(args.data, args.schema)
     synth = Synthesizer(schema, epsilon=args.epsilon, delta=args.delta, config=config, seed=args.seed,
                         allow_non_private_schema=args.allow_non_private_schema)
-    train = _read_table(args.data, schema)
-    test = _read_table(args.test, schema) if args.test else None
+    train = datasets.read_table(args.data, schema)
+    test = datasets.read_table(args.test, schema) if args.test else None
+    target = getattr(args, "target", None)
+    if getattr(args, "report", None) and target is not None and target not in train.columns:
+        raise TramontaneError(f"--target {target!r} is not a column of {args.data} (its columns: "
+                              f"{', '.join(map(str, train.columns))}); nothing was spent")
     err = _stderr()
     # Lines on stderr are listed in tramontane.synth.release: none quotes the exact number of rows.
     err.print(f"training a DP synthesizer at epsilon={args.epsilon}, delta={args.delta}"
@@ -510,20 +468,20 @@ def _fit_synthesizer(args: argparse.Namespace):
                       checkpoint_every=args.checkpoint_every)
     except KeyboardInterrupt:
         if len(synth.ledger):
-            spent = synth.privacy()
-            err.print(f"interrupted: spent epsilon {spent['epsilon_rdp']:.3f} (RDP) at delta {args.delta:g} on "
+            spent = synth.statement  # of the ledger so far
+            err.print(f"interrupted: spent epsilon {spent.epsilon_rdp:.3f} (RDP) at delta {args.delta:g} on "
                       "the data so far; it counts against the data's budget")
         else:
             err.print("interrupted before anything was spent")
         if run_dir is not None:
             err.print(f"interrupted: continue from the last checkpoint with --resume {run_dir}")
         raise
-    s = synth.summary
+    s, spent = synth.summary, synth.statement
     err.print(f"trained on about {s.rows_dp} rows (a DP count, noise std {s.row_count_noise:g}): "
               f"{s.steps} steps at sample rate {s.sample_rate:.4g} (expected batch {s.batch_size}), "
               f"sigma {s.noise_multiplier:.3f}")
-    err.print(f"spent epsilon {s.epsilon_rdp:.3f} (RDP) / {s.epsilon_pld:.3f} (PLD) at delta {s.delta:g} "
-              f"of the target {synth.epsilon:g}")
+    err.print(f"spent epsilon {spent.epsilon_rdp:.3f} (RDP) / {spent.epsilon_pld:.3f} (PLD) at delta "
+              f"{spent.delta:g} of the target {spent.target_epsilon:g}")
     if s.delta * s.rows_dp > 1:
         err.print(f"[yellow]warning:[/yellow] delta {s.delta:g} is above 1 / rows (about 1/{s.rows_dp}): at that "
                   "delta a mechanism may publish some row outright; choose --delta well below 1 / rows")
@@ -558,6 +516,8 @@ def _utility_line(u: dict) -> str:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Fit, sample and report in one go (or `synth fit` / `synth sample`)."""
+    from tramontane.files import write_csv_atomic
+
     if args.synth_command == "sample":
         return cmd_synth_sample(args)
     for name in ("data", "epsilon"):
@@ -577,7 +537,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     synth, train, test = _fit_synthesizer(args)
     rows = args.rows if args.rows is not None else synth.summary.rows_dp  # N itself is not public
     synthetic = synth.sample(rows, seed=args.seed)
-    _write_csv_atomic(synthetic, args.out)
+    write_csv_atomic(synthetic, args.out)  # shareable: the umask's usual 0644
     _stderr().print(f"wrote {rows} synthetic rows to {args.out}")
     if args.save_model:
         synth.save(args.save_model, overwrite=args.overwrite)
@@ -588,6 +548,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_sample(args: argparse.Namespace) -> int:
+    from tramontane.files import write_csv_atomic
     from tramontane.synth.synthesizer import Synthesizer
 
     if args.model is None or args.rows is None or args.out is None:
@@ -597,30 +558,27 @@ def cmd_synth_sample(args: argparse.Namespace) -> int:
     _check_output(args.out, "--out", "file", args.overwrite)
     synth = Synthesizer.load(args.model)
     synthetic = synth.sample(args.rows, seed=args.seed)
-    _write_csv_atomic(synthetic, args.out)
-    p = synth.privacy()
-    _stderr().print(f"wrote {args.rows} rows to {args.out} (the model is ({p['epsilon_rdp']:.3f}, {p['delta']})-DP; "
+    write_csv_atomic(synthetic, args.out)  # shareable: the umask's usual 0644
+    spent = synth.statement
+    _stderr().print(f"wrote {args.rows} rows to {args.out} (the model is ({spent.epsilon_rdp:.3f}, {spent.delta})-DP; "
                     "sampling spends nothing more)")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tramontane import datasets
     from tramontane.report.utility import evaluate_synthetic, numbers_as_floats
-    from tramontane.synth.dp_schema import infer_schema
+    from tramontane.synth.dp_schema import evaluation_schema
 
-    schema = _load_schema(args.schema, args.real_train)
-    train = _read_table(args.real_train, schema)
+    schema = datasets.schema_for(args.real_train, args.schema)
+    train = datasets.read_table(args.real_train, schema)
     if args.target is not None and args.target not in train.columns:
         raise TramontaneError(f"--target {args.target!r} is not a column of --real-train; columns: "
                               f"{list(train.columns)}")
-    test = _read_table(args.real_test, schema) if args.real_test else None
-    synthetic = _read_table(args.synthetic, schema)
+    test = datasets.read_table(args.real_test, schema) if args.real_test else None
+    synthetic = datasets.read_table(args.synthetic, schema)
     if schema is None:  # evaluation only: a schema read off the real table is never released
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            schema = infer_schema(train, allow_non_private=True).schema
+        schema = evaluation_schema(train)
     # Numbers as numbers whatever dtype the CSV was read with; infinities and NaN refused, as fitting does.
     train = numbers_as_floats(train, schema, "--real-train")
     synthetic = numbers_as_floats(synthetic, schema, "--synthetic")
@@ -729,10 +687,6 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
 
 # -- privacy measurement: bounds and audits -----------------------------------------------------------------
 
-def _show(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def cmd_bounds(args: argparse.Namespace) -> int:
     """What a DP-SGD setting or a saved ledger means: MI advantage, confidence and reconstruction bounds."""
     from tramontane.accounting import DpSgdEvent, PrivacyLedger
@@ -795,11 +749,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     try:
         synth = Synthesizer.load(args.model)
         # Not checked against the schema here: the audit prepares the rows exactly as the fit did.
-        data = _read_table(args.data)
-        bundled = datasets.bundled_table(args.data)  # a bundled train split: its test split by default
-        default_holdout = f"{bundled[0].name}-test" if bundled and bundled[1] == "train" else None
-        holdout_path = args.holdout or default_holdout
-        holdout = _read_table(holdout_path) if holdout_path else None
+        data = datasets.read_table(args.data)
+        holdout_path = args.holdout or datasets.default_holdout(args.data)
+        holdout = datasets.read_table(holdout_path) if holdout_path else None
     except KeyboardInterrupt:
         err.print("interrupted before the audit started: nothing measured, nothing written")
         return 130
@@ -864,14 +816,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if args.out is None:
             err.print(f"interrupted during {PHASES[stop.phase]} {done}: nothing written (no --out)")
             return 130
-        card = privacy_card(synth.ledger, synth.delta, synth.schema, partial.get("summary"))
+        card = privacy_card(synth.statement, schema=synth.schema, audit=partial.get("summary"))
         path = write_partial_audit(args.out, card, partial)
         err.print(f"interrupted during {PHASES[stop.phase]} {done}: partial results written to {path}")
         return 130
     except KeyboardInterrupt:  # while the rows were being prepared: nothing measured yet
         err.print("interrupted before the audit started: nothing measured, nothing written")
         return 130
-    card = privacy_card(synth.ledger, synth.delta, synth.schema, audit)
+    card = privacy_card(synth.statement, schema=synth.schema, audit=audit)
     if args.out:
         for path in write_audit_files(args.out, card, audit):
             err.print(f"wrote {path}")

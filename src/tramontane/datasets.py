@@ -8,7 +8,9 @@ documentation rather than from the rows (provenance in `tramontane/data/*_PROVEN
   1988 Current Population Survey, a US government work), 7 columns with a heavy-tailed weekly wage, split
   at random (seed 0) into 18,770 / 9,385 rows.
 `BUNDLED` registers them by name with their default target column; `bundled_table` resolves the names the
-CLI accepts in place of a CSV path (`adult`, `adult-train`, `adult-test`, `cps1988`, ...).
+CLI accepts in place of a CSV path (`adult`, `adult-train`, `adult-test`, `cps1988`, ...), and `read_table`,
+`schema_for` and `default_holdout` answer for a name or a path alike: the rows, the public schema that goes
+with them, and the held-out split an audit compares them with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from tramontane.errors import DataError
-from tramontane.synth.schema import Schema
+from tramontane.tables.schema import Schema
 
 SPLITS = ("train", "test")
 ADULT_TARGET = "income"
@@ -105,13 +107,43 @@ def bundled_table(name: str) -> tuple[BundledTable, str] | None:
     return None
 
 
+def read_table(name: str | Path, schema: Schema | None = None) -> pd.DataFrame:
+    """The rows of a bundled table's split by name (`adult`, `adult-test`, `cps1988`, `cps1988-test`, as
+    `bundled_table` reads it), else of the CSV file at `name` (`read_csv`, checked against `schema`)."""
+    bundled = bundled_table(str(name))
+    if bundled is not None:
+        table, split = bundled
+        return table.load(split)
+    return read_csv(name, schema=schema)
+
+
+def schema_for(data: str | Path | None, schema_path: str | Path | None = None) -> Schema | None:
+    """The public schema of the table `data`: the file `schema_path` when given (`Schema.load`), else the
+    bundled schema when `data` names a bundled table's train split, else None (the caller infers one)."""
+    if schema_path is not None:
+        return Schema.load(schema_path)
+    bundled = bundled_table(str(data)) if data is not None else None
+    if bundled is not None and bundled[1] == "train":
+        return bundled[0].schema()  # public: written from the data set's documentation
+    return None
+
+
+def default_holdout(data: str | Path) -> str | None:
+    """The held-out table that goes with `data` by default: `NAME-test` when `data` names a bundled table's
+    train split (`adult` -> `adult-test`), else None (a CSV has no known hold-out)."""
+    bundled = bundled_table(str(data))
+    if bundled is not None and bundled[1] == "train":
+        return f"{bundled[0].name}-test"
+    return None
+
+
 def read_csv(path: str | Path, schema: Schema | None = None) -> pd.DataFrame:
     """Read a table from CSV, raising `DataError` for a missing, empty, header-only or undecodable file.
 
     An empty field is the only missing value. Without a schema every column is read as text: a dtype
     guessed from the rows would let one row (an `unknown` among integers) change how a whole column reads,
-    and the kinds are decided from the values later (`infer_schema`, `Schema.conform` read numbers from
-    text). With a schema, categorical columns are read as text (so "007" stays "007") and the result is
+    and the kinds are decided from the values later (`synth.dp_schema.infer_schema`, `Schema.conform` read
+    numbers from text). With a schema, categorical columns are read as text (so "007" stays "007") and the result is
     checked against the schema (`SchemaError` if it does not fit).
     """
     path = Path(path)

@@ -48,6 +48,16 @@ class UnsupportedModuleError(TramontaneError):
     """A module cannot be trained with per-example clipping (e.g. it mixes examples, like BatchNorm)."""
 
 
+class DPInputError(TramontaneError, ValueError):
+    """The DP engine got input that breaks its contract: losses that are not one per example, example ids
+    of the wrong shape, a batch whose size differs from the one announced."""
+
+
+class DPUsageError(TramontaneError, RuntimeError):
+    """The DP engine's calls came in an order it cannot record privately: nested `record()` blocks, a
+    backward pass outside one, a second forward in one, noise added in the middle of a recording."""
+
+
 class SchemaError(TramontaneError, ValueError):
     """Tabular data does not match its public schema, or a schema is malformed."""
 

@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 
 from tramontane.errors import CheckpointError
 from tramontane.generation import SamplingParams
+from tramontane.generation.multimodal import generate_with_audio
 from tramontane.models.audio import (
     AUDIO_TOKEN_ID,
     AudioEncoderArgs,
     audio_features,
-    generate_with_audio,
     load_voxtral,
 )
 

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from tramontane.generation import SamplingParams
+from tramontane.generation.multimodal import generate_with_images
 from tramontane.models.vision import (
     VisionLanguageModel,
     consolidated_to_hf_vision,
     encode_image_prompt,
-    generate_with_images,
     load_vision_language_model,
 )
 from tramontane.tokenizer import Tokenizer

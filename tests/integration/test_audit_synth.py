@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +19,6 @@ from tramontane.audit.card import ledger_bounds, privacy_card, read_ledger
 from tramontane.audit.synth_audit import (
     AuditConfig,
     SynthAudit,
-    TableObjective,
     audit_synthesizer,
     random_rows,
     secret_exposure,
@@ -26,7 +27,7 @@ from tramontane.audit.synth_audit import (
 )
 from tramontane.cli import main
 from tramontane.datasets import adult_schema, load_adult
-from tramontane.synth.synthesizer import Synthesizer, SynthConfig
+from tramontane.synth.synthesizer import RowObjective, SynthConfig, Synthesizer
 
 COLUMNS = ["age", "workclass", "education", "marital-status", "relationship", "sex", "hours-per-week",
            "income"]
@@ -60,7 +61,9 @@ def audit(fitted: Synthesizer, data) -> SynthAudit:
 def test_soft_row_loss_is_the_training_loss_on_one_hot_rows(fitted: Synthesizer, data) -> None:
     codec, model = fitted.codec, fitted.model
     vids = fitted.schema.value_ids(fitted.schema.conform(data[0].iloc[:3]))
-    objective = TableObjective(codec, vids, permute_columns=False)
+    # the synthesizer's own objective, in schema order and without augmentations: one sequence per row
+    one_order = dataclasses.replace(fitted.config, permute_columns=False, augmentations=1)
+    objective = RowObjective(codec, vids, one_order, np.random.default_rng(0))
     _, mask = value_token_table(codec)
     loss = soft_row_loss(model, codec)
     with torch.no_grad():
@@ -111,8 +114,6 @@ def test_report_card_shows_bounds_and_the_audit(fitted: Synthesizer, audit: Synt
 
 
 def test_secret_exposure_ranks_every_value_of_a_column(fitted: Synthesizer) -> None:
-    import numpy as np
-
     canaries = random_rows(fitted.schema, 5, np.random.default_rng(0))
     exp = secret_exposure(fitted, canaries, "education")
     assert exp.num_values == 16 and exp.ranks.shape == (5,)

@@ -10,7 +10,7 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from tramontane.accounting import RDP_ORDERS
+from tramontane.accounting import RDP_ORDERS, plan_constant_tan, tan_report
 from tramontane.cli import main
 
 
@@ -54,6 +54,42 @@ def test_plan_is_calibrated_and_labels_the_simulation(capsys: pytest.CaptureFixt
     sim = out["simulation"]
     assert sim["private"] is False and "not private" in sim["label"]
     assert sim["noise_multiplier"] == pytest.approx(run["noise_multiplier"] * sim["batch_size"] / 4096)
+
+
+def _printed_tables(out: str) -> list[dict[str, str]]:
+    """The key/value rows of each table `main` printed, in order."""
+    tables: list[dict[str, str]] = []
+    for line in out.splitlines():
+        if line.startswith("┌"):
+            tables.append({})
+        elif line.startswith("│"):
+            key, value = (cell.strip() for cell in line.strip("│").split("│"))
+            tables[-1][key] = value
+    return tables
+
+
+def _cells(result: dict) -> dict[str, str]:
+    return {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in result.items()}
+
+
+def test_account_prints_the_report_dict(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["account", "--sample-rate", "0.04", "--noise-multiplier", "1.5", "--steps", "2250", "--delta", "1e-5"]
+    with pytest.warns(UserWarning):
+        report = tan_report(0.04, 1.5, 2250, 1e-5).to_dict()
+    assert main(argv) == 0
+    assert _printed_tables(capsys.readouterr().out) == [_cells(report)]
+    out = _run(capsys, [*argv, "--json"])
+    assert out.pop("warnings") and out == report
+
+
+def test_plan_prints_the_plan_dict(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--dataset-size", "50000", "--epsilon", "8", "--delta", "1e-5", "--steps", "2500",
+            "--reference-batch", "4096"]
+    plan = plan_constant_tan(50_000, 8.0, 1e-5, 2500, batch_size_ref=4096).to_dict()
+    assert main(argv) == 0
+    assert _printed_tables(capsys.readouterr().out) == [_cells(plan["private_run"]), _cells(plan["simulation"])]
+    out = _run(capsys, [*argv, "--json"])
+    assert out.pop("warnings") == [] and out == plan
 
 
 def test_account_refuses_zero_noise(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,13 @@ from PIL import Image
 
 from tramontane.cli import main
 from tramontane.generation import SamplingParams
-from tramontane.models.vision import encode_image_prompt, generate_with_images, load_vision_language_model
+from tramontane.generation.multimodal import generate_with_images
+from tramontane.models.vision import (
+    encode_image_chat,
+    encode_image_prompt,
+    image_message,
+    load_vision_language_model,
+)
 from tramontane.tokenizer import Tokenizer
 
 from tests.equivalence.test_vision_hf import hf_model
@@ -50,6 +56,31 @@ def test_chat_with_an_image_replies_what_the_library_generates(checkpoint: Path,
                                       eos_id=tokenizer.eos_id)
     assert reply == tokenizer.decode(expected.tokens)
     assert tokens.count(10) > 0  # the prompt really carries [IMG] tokens
+
+
+def test_second_turn_keeps_the_image_and_the_history(checkpoint: Path, tmp_path: Path, monkeypatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = Tokenizer.builtin(TOKENIZER)
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(picture)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Describe it.\nAnd the colours?\n\n"))
+    assert main(["chat", "--model", str(checkpoint), "--image", str(picture), "--max-tokens", "5",
+                 "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+
+    model = load_vision_language_model(checkpoint)
+    messages: list = []
+    replies = []
+    for turn, text in enumerate(["Describe it.", "And the colours?"]):
+        messages.append(image_message(text, [picture]) if turn == 0 else {"role": "user", "content": text})
+        tokens, images = encode_image_chat(tokenizer, messages)
+        [completion] = generate_with_images(model, [tokens], [images], SamplingParams(max_tokens=5),
+                                            eos_id=tokenizer.eos_id)
+        replies.append(tokenizer.decode(completion.tokens))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    assert out == "".join(reply + "\n" for reply in replies)
+    assert len(images) == 1 and tokens.count(10) > 0  # the second prompt still carries the image
 
 
 def test_chat_with_an_unreadable_image_is_a_clear_error(checkpoint: Path, tmp_path: Path,

@@ -112,3 +112,14 @@ def test_multiclass_target_prints_without_auc(tables: dict[str, str], capsys: py
     assert main(["evaluate", "--real-train", tables["train"], "--synthetic", tables["synthetic"],
                  "--real-test", tables["test"], "--target", "label"]) == 0
     assert "n/a" in capsys.readouterr().out
+
+
+def test_synth_refuses_a_report_target_that_is_not_a_column_before_spending(
+        tables: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, report = tmp_path / "s.csv", tmp_path / "report"
+    assert main(["synth", "--data", tables["train"], "--epsilon", "1", "--delta", "1e-5", "--out", str(out),
+                 "--report", str(report), "--target", "nosuchcol"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert "--target" in line and "nosuchcol" in line and "nothing was spent" in line
+    assert not out.exists() and not report.exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -122,6 +124,27 @@ def test_damaged_or_missing_models_get_one_line_errors(saved_model: Path, tmp_pa
         assert code == 2 and "damaged" in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_sample_writes_the_rows_the_synthesizer_draws(saved_model: Path, tmp_path: Path, capsys) -> None:
+    from tramontane.datasets import read_csv
+    from tramontane.synth.synthesizer import Synthesizer
+
+    out = tmp_path / "new" / "s.csv"  # a missing folder is made
+    old = os.umask(0o022)
+    try:
+        assert main(["synth", "sample", "--model", str(saved_model), "--rows", "7", "--seed", "3",
+                     "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    synth = Synthesizer.load(saved_model)
+    expected = synth.sample(7, seed=3)  # the same seed draws the same rows
+    assert out.read_bytes() == expected.to_csv(index=False).encode("utf-8")
+    assert len(read_csv(out, schema=synth.schema)) == 7  # and they fit the model's schema
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 and _listing(out.parent) == ["s.csv"]  # shareable
+    assert main(["synth", "sample", "--model", str(saved_model), "--rows", "2", "--seed", "3",
+                 "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() == synth.sample(2, seed=3).to_csv(index=False).encode("utf-8")
 
 
 @pytest.mark.parametrize("case", ["semicolons", "repeated", "blank"])

@@ -10,7 +10,8 @@ import soundfile
 
 from tramontane.cli import main
 from tramontane.generation import SamplingParams
-from tramontane.models.audio import load_audio, transcribe
+from tramontane.generation.multimodal import transcribe
+from tramontane.models.audio import load_audio
 
 from tests.unit.test_audio import SR, audio_tokenizer, tiny_voxtral, tone, write_consolidated  # noqa: F401
 

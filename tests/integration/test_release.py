@@ -16,17 +16,11 @@ import pytest
 
 from tramontane import accounting
 from tramontane.cli import main
-from tramontane.report.privacy_report import (
-    EVALUATION_HTML,
-    EVALUATION_JSON,
-    RELEASE_HTML,
-    RELEASE_JSON,
-    manifest,
-)
 from tramontane.datasets import adult_schema, load_adult
 from tramontane.errors import PrivacyParameterError, SchemaError, TramontaneWarning
+from tramontane.report.privacy_report import EVALUATION_HTML, EVALUATION_JSON, RELEASE_HTML, RELEASE_JSON
 from tramontane.synth import release
-from tramontane.synth.release import DP, HOLDER, PUBLIC
+from tramontane.synth.release import DP, HOLDER, PUBLIC, manifest
 from tramontane.synth.synthesizer import Synthesizer, SynthConfig, dp_row_count
 
 logging.getLogger("absl").setLevel(logging.ERROR)

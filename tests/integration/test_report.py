@@ -89,7 +89,8 @@ def test_release_holds_only_dp_and_public_fields(run):
     assert release["summary"]["privacy_unit"] == "one row of the training table"
     assert release["summary"]["neighbouring_relation"] == "add or remove one row"
     assert release["schema"]["source"] == "public"
-    assert [e["label"] for e in release["privacy"]["ledger"]["events"]] == ["row count", "synth dp-sgd", "marginals"]
+    assert [e["label"] for e in release["privacy"]["ledger"]["events"]] == ["row count", "synth dp-sgd", "marginals",
+                                                                          "marginal selection"]
     assert release["dp_sgd"]["expected_batch_size"] == s.batch_size
     assert 0 < release["bounds"]["mi_advantage_bound"] < 1
     assert release["synthetic"]["rows"] == s.rows_dp

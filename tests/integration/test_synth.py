@@ -65,11 +65,13 @@ def test_every_row_is_valid_and_seeds_reproduce(fitted: Synthesizer) -> None:
 
 
 def test_ledger_spends_exactly_the_budget_and_survives_save_load(fitted: Synthesizer, tmp_path: Path) -> None:
-    count, steps, measured = fitted.ledger.events  # the DP row count, the DP-SGD steps, the marginals
+    count, steps, measured, chosen = fitted.ledger.events  # row count, DP-SGD, the marginals, their choice
     assert isinstance(count, accounting.GaussianEvent) and count.label == "row count"
     assert isinstance(steps, accounting.DpSgdEvent) and steps.steps == 40
-    assert measured == fitted.marginals.event() and measured.label == "marginals"
+    assert [measured, chosen] == fitted.marginals.events()
+    assert measured.label == "marginals" and chosen.label == "marginal selection"
     assert measured.count == len(fitted.marginals.queries) == fitted.summary.marginal_queries
+    assert chosen.count == fitted.summary.marginal_rounds == fitted.config.marginal_rounds > 0
     eps = accounting.epsilon(fitted.ledger, 1e-5)
     assert eps <= 8.0 and eps == pytest.approx(8.0, rel=1e-3)
     path = fitted.save(tmp_path / "synth")

@@ -24,16 +24,15 @@ from safetensors.torch import save_file
 
 from tramontane.errors import CheckpointError, ConfigError, DataError, GenerationError
 from tramontane.generation import SamplingParams
+from tramontane.generation.multimodal import generate_with_audio, transcribe
 from tramontane.models import ModelArgs
 from tramontane.models.audio import (
     AudioEncoderArgs,
     Voxtral,
     audio_chunk,
     audio_features,
-    generate_with_audio,
     load_audio,
     load_voxtral,
-    transcribe,
     transcription_prompt,
 )
 from tramontane.models.multimodal import splice_embeddings

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import tramontane.models.checkpoint as checkpoint
+import tramontane.tensorfiles as tensorfiles
 from tramontane.errors import CheckpointError, ConfigError
 from tramontane.models.args import ModelArgs, MoeArgs
 from tramontane.models.checkpoint import (
@@ -418,7 +418,7 @@ def _failing_writer(tensors, filename, metadata=None):
 
 @pytest.mark.parametrize("fmt", ["consolidated", "hf"])
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch, fmt):
-    monkeypatch.setattr(checkpoint, "save_file", _failing_writer)
+    monkeypatch.setattr(tensorfiles, "save_file", _failing_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         save_model(_model(), tmp_path / "ckpt", format=fmt)
     assert list(tmp_path.iterdir()) == []
@@ -427,7 +427,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, fmt):
 def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     old = _model(seed=1)
     save_model(old, tmp_path / "ckpt")
-    monkeypatch.setattr(checkpoint, "save_file", _failing_writer)
+    monkeypatch.setattr(tensorfiles, "save_file", _failing_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         save_model(_model(seed=2), tmp_path / "ckpt", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

@@ -13,7 +13,15 @@ from torch import nn
 
 from tests.conftest import random_model, tiny_args
 from tramontane.dp import CLIP_EPS, DPEngine, find_unsupported, validate_model
-from tramontane.errors import PrivacyParameterError, TramontaneWarning, UnsupportedModuleError
+from tramontane.errors import (
+    ConfigError,
+    DPInputError,
+    DPUsageError,
+    PrivacyParameterError,
+    TramontaneError,
+    TramontaneWarning,
+    UnsupportedModuleError,
+)
 
 Z = 6.0  # two-sided windows at 6 standard deviations: a correct engine fails once in ~5e8 runs
 
@@ -217,18 +225,29 @@ def test_parameter_and_usage_errors() -> None:
     engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(PrivacyParameterError):
         engine.add_noise_and_set_grads(expected_batch_size=0)
+    with pytest.raises(ConfigError, match="linear_strategy"):
+        DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, linear_strategy="fast")
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="one loss per example"), engine.record():
+    with pytest.raises(DPInputError, match="one loss per example"), engine.record():
         engine.backward(model(x))  # [B, 2]: not per-example losses
-    with pytest.raises(RuntimeError, match="no gradient reached"), engine.record():
+    with pytest.raises(DPInputError, match="1-D"), engine.record(example_ids=[[0, 1], [2, 3]]):
+        pass
+    with pytest.raises(DPUsageError, match="no gradient reached"), engine.record():
         model(x)
-    with pytest.raises(RuntimeError, match="inside"):
+    with pytest.raises(DPUsageError, match="inside"):
         engine.backward(model(x).sum(1))
-    with pytest.raises(RuntimeError, match="ran twice"), engine.record():
+    with pytest.raises(DPUsageError, match="ran twice"), engine.record():
         model(x)
         model(x)
-    with pytest.raises(ValueError, match="4 examples"), engine.record(example_ids=[0, 1, 2]):
+    with pytest.raises(DPInputError, match="4 examples"), engine.record(example_ids=[0, 1, 2]):
         model(x)
+    with pytest.raises(DPUsageError, match="nested"), engine.record(), engine.record():
+        pass
+    with pytest.raises(DPUsageError, match="inside"), engine.record():
+        engine.add_noise_and_set_grads(1.0)
+    # The CLI catches TramontaneError; the old built-in types still match (existing callers keep working).
+    assert issubclass(DPInputError, TramontaneError) and issubclass(DPInputError, ValueError)
+    assert issubclass(DPUsageError, TramontaneError) and issubclass(DPUsageError, RuntimeError)
     assert model.weight.requires_grad and model.weight.grad is None
 
 
@@ -257,6 +276,80 @@ def test_compute_noisy_grads_is_the_clipped_sum_plus_noise() -> None:
     low, high = _std_window(noise.numel(), sigma * clip)
     assert low < noise.std().item() < high
     assert abs(noise.mean().item()) < Z * sigma * clip / math.sqrt(noise.numel())
+
+
+class LoggedTokens:
+    """An objective over fixed token rows that logs which rows it is asked for, in order."""
+
+    def __init__(self, tokens: torch.Tensor, fail_at: int | None = None) -> None:
+        self.tokens, self.fail_at, self.log = tokens, fail_at, []
+
+    def rows(self, indices) -> tuple[torch.Tensor, None]:
+        self.log.append(list(indices))
+        return self.tokens[list(indices)], None
+
+    def losses(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if len(self.log) == self.fail_at:
+            raise KeyError("a broken objective")
+        return _lm_losses(model, batch)
+
+
+def test_step_is_the_batch_and_extra_rows_clipped_plus_noise() -> None:
+    """`step`: each micro-batch's rows looked up just before it is recorded, the extra batch (a canary) built
+    only after them, and .grad = (the per-example loop's clipped sum over all of them + noise) / q N."""
+    tokens = torch.randint(0, 97, (6, 9), generator=torch.Generator().manual_seed(5))
+    model = random_model(tiny_args(), seed=0)
+    clip = _loop_clipped_sum(model, tokens, 1.0)[1].median().item()  # some examples clipped, some not
+    indices = [0, 2, 3, 4, 5]
+    signal, _ = _loop_clipped_sum(model, tokens[indices + [1]], clip)  # the batch, then row 1 as the extra
+    objective = LoggedTokens(tokens)
+
+    def canary():
+        objective.log.append("canary")
+        yield tokens[1:2], None
+
+    with pytest.warns(TramontaneWarning, match="NOT differentially private"):
+        engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=0.0)
+    out = engine.step(objective, indices, expected_batch_size=4.0, micro_batch_size=2, extra_batches=canary())
+    assert objective.log == [[0, 2], [3, 4], [5], "canary"]
+    assert engine.steps == 1 and engine.examples_in_step == 0  # the step is taken, the next starts empty
+    scale = signal.abs().max().item()
+    torch.testing.assert_close(_flat_grad(model) * 4.0, signal, rtol=1e-4, atol=1e-4 * scale)
+    with torch.no_grad():
+        mean = _lm_losses(model, tokens[indices + [1]]).mean().item()
+    assert out.rows == 6 and out.mean == pytest.approx(mean)
+
+    sigma = 0.3  # with noise: the rest has std sigma C
+    engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=sigma)
+    engine.step(objective, indices, expected_batch_size=4.0, micro_batch_size=4, extra_batches=canary())
+    noise = _flat_grad(model) * 4.0 - signal
+    low, high = _std_window(noise.numel(), sigma * clip)
+    assert low < noise.std().item() < high
+
+
+def test_step_failure_leaves_nothing_behind() -> None:
+    """A step that fails half-way drops what it recorded (a later step must not add it), and refuses bad
+    arguments before looking at any example."""
+    tokens = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(6))
+    model = random_model(tiny_args(), seed=0)
+    with pytest.warns(TramontaneWarning, match="NOT differentially private"):
+        engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.0)
+    broken = LoggedTokens(tokens, fail_at=2)
+    with pytest.raises(KeyError):
+        engine.step(broken, [0, 1, 2, 3], expected_batch_size=4.0, micro_batch_size=2)
+    assert broken.log == [[0, 1], [2, 3]] and engine.examples_in_step == 0 and engine.steps == 0
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    objective = LoggedTokens(tokens)
+    with pytest.raises(PrivacyParameterError, match="expected_batch_size"):
+        engine.step(objective, [0], expected_batch_size=0.0, micro_batch_size=2)
+    with pytest.raises(ConfigError, match="max_size"):
+        engine.step(objective, [0], expected_batch_size=1.0, micro_batch_size=0)
+    with pytest.raises(DPUsageError, match="inside"), engine.record():
+        engine.step(objective, [0], expected_batch_size=1.0, micro_batch_size=1)
+    assert objective.log == []
+    engine.step(objective, [3], expected_batch_size=1.0, micro_batch_size=2)  # only example 3 counts
+    signal, _ = _loop_clipped_sum(model, tokens[3:4], 0.5)
+    torch.testing.assert_close(_flat_grad(model), signal, rtol=1e-4, atol=1e-4 * signal.abs().max().item())
 
 
 class UsesWeightOutsideForward(nn.Module):

@@ -9,7 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tramontane.accounting import DpSgdEvent, EpsilonDeltaEvent, GaussianEvent, PrivacyLedger
+from tramontane.accounting import (
+    DpSgdEvent,
+    EpsilonDeltaEvent,
+    GaussianEvent,
+    PrivacyLedger,
+    PrivacyStatement,
+)
 from tramontane.datasets import adult_schema
 from tramontane.report.page import key_paths
 from tramontane.report.release import FIELDS, OPAQUE, release_report, render_release
@@ -30,8 +36,9 @@ def _synth(source: str):
                          schema_delta=3e-7 if source == "dp" else 0.0,
                          schema_notes=["column 'age': used the public range"] if source == "dp" else [])
     model = SimpleNamespace(args=SimpleNamespace(num_parameters=lambda: 1234))
+    statement = PrivacyStatement.of(ledger, 1e-5, "rdp", target_epsilon=1.0, dp_sgd=DpSgdEvent(0.01, 2.5, 50))
     return SimpleNamespace(ledger=ledger, epsilon=1.0, delta=1e-5, config=SynthConfig(), schema=schema,
-                           summary=summary, model=model)
+                           summary=summary, model=model, statement=statement)
 
 
 @pytest.mark.parametrize("source", ["public", "dp", "non-private"])
@@ -45,6 +52,11 @@ def test_release_for_each_schema_source(source):
     assert all(FIELDS[p].status != "holder-only" for p in key_paths(report, opaque=OPAQUE))
     assert report["schema"]["source"] == source and report["synthetic"]["rows"] == 50
     assert report["row_count"]["rows_dp"] == 31990 and report["model"]["parameters"] == 1234
+    # the guarantee is the synthesizer's privacy statement, read, not recomputed
+    statement = synth.statement
+    assert report["privacy"] == statement.to_dict()
+    assert report["summary"]["epsilon"] == statement.epsilon_rdp and report["summary"]["delta"] == 1e-5
+    assert (report["dp_sgd"]["eta"], report["dp_sgd"]["epsilon_tan"]) == (statement.eta, statement.epsilon_tan)
     page = render_release(report, synthetic, synth.schema)
     text = " ".join(report["summary"]["statements"])
     if source == "dp":

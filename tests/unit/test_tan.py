@@ -10,6 +10,7 @@ import dp_accounting
 import pytest
 
 from tramontane.accounting import (
+    RDP_ORDERS,
     SIMULATION_LABEL,
     DpSgdEvent,
     DpSgdSetting,
@@ -215,3 +216,50 @@ def test_planner_warns_behind_the_wall_and_refuses_impossible_plans() -> None:
     no_simulation = plan_constant_tan(50_000, 8.0, 1e-5, 2_500, batch_size_ref=4096,
                                       simulated_batch_size=None)
     assert no_simulation.simulated is None
+
+
+def test_report_to_dict_holds_the_accounted_and_closed_form_values() -> None:
+    q, sigma, steps, delta = 0.04, 1.5, 2250, 1e-5
+    with pytest.warns(TramontaneWarning):
+        d = tan_report(q, sigma, steps, delta).to_dict()
+    assert list(d) == ["epsilon", "delta", "accountant", "sample_rate", "noise_multiplier", "steps", "eta",
+                       "total_amount_of_noise", "epsilon_tan", "epsilon_over_epsilon_tan", "overcharged"]
+    oracle = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
+    oracle.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    closed_eta = q * math.sqrt(steps / 2) / sigma  # Definition 3.1
+    closed_eps_tan = closed_eta**2 + 2 * closed_eta * math.sqrt(math.log(1 / delta))  # Eq. 4
+    assert d["epsilon"] == pytest.approx(oracle.get_epsilon(delta), rel=1e-9)
+    assert (d["delta"], d["accountant"], d["sample_rate"], d["noise_multiplier"], d["steps"]) == \
+        (delta, "rdp", q, sigma, steps)
+    assert d["eta"] == pytest.approx(closed_eta) and d["total_amount_of_noise"] == pytest.approx(1 / closed_eta)
+    assert d["epsilon_tan"] == pytest.approx(closed_eps_tan)
+    assert d["epsilon_over_epsilon_tan"] == pytest.approx(d["epsilon"] / closed_eps_tan)
+    assert d["overcharged"] is True
+    nothing = tan_report(0.0, sigma, steps, delta).to_dict()  # nothing spent: 0 / 0 is no ratio
+    assert nothing["epsilon"] == 0.0 and nothing["epsilon_over_epsilon_tan"] is None
+    assert nothing["overcharged"] is False and nothing["total_amount_of_noise"] == math.inf
+
+
+def test_plan_to_dict_names_the_private_run_and_the_simulation() -> None:
+    n, delta, steps = 50_000, 1e-5, 2_500
+    plan = plan_constant_tan(n, 8.0, delta, steps, batch_size_ref=4096, simulated_batch_size=128)
+    d = plan.to_dict()
+    run, sim = d["private_run"], d["simulation"]
+    assert list(d) == ["private_run", "simulation"]
+    assert list(run) == ["batch_size", "noise_multiplier", "steps", "sample_rate", "epochs", "epsilon", "delta",
+                         "accountant", "eta", "epsilon_tan"]
+    sigma = run["noise_multiplier"]
+    oracle = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
+    oracle.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        4096 / n, dp_accounting.GaussianDpEvent(sigma)), steps))
+    assert run["epsilon"] == pytest.approx(oracle.get_epsilon(delta), rel=1e-9) and run["epsilon"] <= 8.0
+    assert (run["batch_size"], run["steps"], run["sample_rate"], run["delta"], run["accountant"]) == \
+        (4096, steps, 4096 / n, delta, "rdp")
+    assert run["epochs"] == math.ceil(steps * 4096 / n)
+    assert run["eta"] == pytest.approx(4096 / n * math.sqrt(steps / 2) / sigma)
+    assert run["epsilon_tan"] == pytest.approx(run["eta"]**2 + 2 * run["eta"] * math.sqrt(math.log(1 / delta)))
+    assert sim == {"batch_size": 128, "noise_multiplier": pytest.approx(sigma * 128 / 4096), "steps": steps,
+                   "epochs": math.ceil(steps * 128 / n), "private": False, "label": SIMULATION_LABEL}
+    no_simulation = plan_constant_tan(n, 8.0, delta, steps, batch_size_ref=4096, simulated_batch_size=None)
+    assert list(no_simulation.to_dict()) == ["private_run"]

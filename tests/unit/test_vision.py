@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from tramontane.errors import CheckpointError, ConfigError, DataError, GenerationError, TokenizerError
 from tramontane.generation import SamplingParams
+from tramontane.generation.multimodal import generate_with_images
 from tramontane.models import ModelArgs
 from tramontane.models.multimodal import splice_embeddings
 from tramontane.models.vision import (
@@ -23,9 +24,10 @@ from tramontane.models.vision import (
     check_tokenizer,
     consolidated_to_hf_vision,
     encode_image,
+    encode_image_chat,
     encode_image_prompt,
-    generate_with_images,
     hf_to_consolidated_vision,
+    image_message,
     load_image,
     load_vision_language_model,
     rotary_angles_2d,
@@ -330,6 +332,32 @@ def test_prompt_tokens_and_pixels_equal_mistral_common(tmp_path: Path, version: 
     assert [tuple(p.shape) for p in pixels] == [(3, 48, 80), (3, 48, 32)]
     img_tokens, img = encode_image(tokenizer, first)
     assert torch.equal(img, pixels[0]) and img_tokens.count(10) == 15
+
+
+def test_multi_turn_chat_equals_mistral_common(mm_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """What `tramontane chat --image` encodes on a later turn: the first message's images, then the history."""
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from PIL import Image
+
+    picture = _png(tmp_path / "a.png", (70, 40), seed=0)
+    messages = [image_message("Describe it.", [picture]), {"role": "assistant", "content": "Noise."},
+                {"role": "user", "content": "Which colour?"}]
+    tokens, pixels = encode_image_chat(mm_tokenizer, messages)
+    expected = mm_tokenizer.mistral.encode_chat_completion(ChatCompletionRequest(messages=[
+        UserMessage(content=[ImageChunk(image=Image.open(picture)), TextChunk(text="Describe it.")]),
+        AssistantMessage(content="Noise."), UserMessage(content="Which colour?")]))
+    assert tokens == expected.tokens and tokens.count(10) == 15
+    assert len(pixels) == 1 and torch.equal(pixels[0], torch.from_numpy(expected.images[0]))
+    # one turn: the same as encode_image_prompt
+    first_tokens, first_pixels = encode_image_chat(mm_tokenizer, messages[:1])
+    prompt_tokens, prompt_pixels = encode_image_prompt(mm_tokenizer, "Describe it.", [picture])
+    assert first_tokens == prompt_tokens and torch.equal(first_pixels[0], prompt_pixels[0])
+    with pytest.raises(ConfigError, match="patch size: tokenizer 16, model 8"):
+        encode_image_chat(mm_tokenizer, messages, tiny_vision_args())
+    with pytest.raises(TokenizerError, match="cannot encode images"):
+        encode_image_chat(Tokenizer.builtin("v7"), messages)
 
 
 def test_model_accepts_what_the_tokenizer_makes(mm_tokenizer: Tokenizer, tmp_path: Path) -> None:

@@ -58,8 +58,10 @@ from dp_accounting import rdp
 from dp_accounting.pld import privacy_loss_distribution
 
 from tramontane.accounting.events import (
+    EVENT_CLASSES,
     DpSgdEvent,
     EpsilonDeltaEvent,
+    ExponentialMechanismEvent,
     GaussianEvent,
     PrivacyEvent,
     PrivacyLedger,
@@ -86,6 +88,7 @@ _PLD_ONE_SHOT_STEPS = 2**18  # self-compositions done by dp-accounting's one-sho
 _PLD_TAIL_SDS = 8.0  # the composed PLD keeps ~1e-15 of mass per tail: about 8 standard deviations
 
 LedgerLike: TypeAlias = PrivacyLedger | PrivacyEvent | Iterable[PrivacyEvent]
+Mechanism: TypeAlias = DpSgdEvent | GaussianEvent | ExponentialMechanismEvent  # what the accountants compose
 
 
 @dataclass(frozen=True)
@@ -118,11 +121,11 @@ class NoiseCalibration:
 
 def ledger_events(events: LedgerLike) -> tuple[PrivacyEvent, ...]:
     """The events of a ledger, a single event or an iterable of events, as a tuple."""
-    if isinstance(events, (DpSgdEvent, GaussianEvent, EpsilonDeltaEvent)):
+    if isinstance(events, EVENT_CLASSES):
         return (events,)
     out = tuple(events)
     for event in out:
-        if not isinstance(event, (DpSgdEvent, GaussianEvent, EpsilonDeltaEvent)):
+        if not isinstance(event, EVENT_CLASSES):
             raise PrivacyParameterError(f"not a privacy event: {event!r}")
     return out
 
@@ -133,9 +136,9 @@ def _check_accountant(accountant: str) -> str:
     return accountant
 
 
-def _split(events: LedgerLike) -> tuple[list[DpSgdEvent | GaussianEvent], float, float, list[str]]:
+def _split(events: LedgerLike) -> tuple[list[Mechanism], float, float, list[str]]:
     """Mechanism events that spend something, and the summed (epsilon, delta) of declared events."""
-    mechanisms: list[DpSgdEvent | GaussianEvent] = []
+    mechanisms: list[Mechanism] = []
     declared_eps, declared_delta, labels = 0.0, 0.0, []
     for event in ledger_events(events):
         if event.spends_nothing:
@@ -149,7 +152,7 @@ def _split(events: LedgerLike) -> tuple[list[DpSgdEvent | GaussianEvent], float,
     return mechanisms, declared_eps, declared_delta, labels
 
 
-def _rdp_accountant(mechanisms: list[DpSgdEvent | GaussianEvent]) -> rdp.RdpAccountant:
+def _rdp_accountant(mechanisms: list[Mechanism]) -> rdp.RdpAccountant:
     acc = rdp.RdpAccountant(orders=list(RDP_ORDERS))
     acc.compose(dp_accounting.ComposedDpEvent([event.to_dp_event() for event in mechanisms]))
     return acc
@@ -195,6 +198,8 @@ def pld_points(events: LedgerLike, pld_discretization: float = DEFAULT_PLD_DISCR
     for event in mechanisms:
         if isinstance(event, GaussianEvent):
             variance += event.count / event.noise_multiplier**2
+        elif isinstance(event, ExponentialMechanismEvent):  # a loss of +-epsilon per selection
+            variance += event.count * event.epsilon**2
         else:
             variance += event.steps * _step_loss_variance(event.sample_rate, event.noise_multiplier)
     return 2 * _PLD_TAIL_SDS * math.sqrt(variance) / pld_discretization
@@ -231,9 +236,14 @@ def pld_self_compose(one: privacy_loss_distribution.PrivacyLossDistribution,
     return out
 
 
-def _one_step_pld(event: DpSgdEvent | GaussianEvent,
+def _one_step_pld(event: Mechanism,
                   pld_discretization: float) -> tuple[privacy_loss_distribution.PrivacyLossDistribution, int]:
-    """(PLD of one step, number of steps), as `dp_accounting.pld.PLDAccountant` builds them."""
+    """(PLD of one step, number of steps), as `dp_accounting.pld.PLDAccountant` builds them; a selection by
+    the exponential mechanism as the pure epsilon-DP pair (randomized response), which dominates it."""
+    if isinstance(event, ExponentialMechanismEvent):
+        pure = dp_accounting.pld.common.DifferentialPrivacyParameters(event.epsilon, 0.0)
+        return privacy_loss_distribution.from_privacy_parameters(
+            pure, value_discretization_interval=pld_discretization), event.count
     if isinstance(event, GaussianEvent):  # count releases = one release at noise sigma / sqrt(count)
         return privacy_loss_distribution.from_gaussian_mechanism(
             standard_deviation=event.noise_multiplier / math.sqrt(event.count),

@@ -79,6 +79,21 @@ def eta_for_eps_tan(target_epsilon: float, delta: float) -> float:
     return math.sqrt(log_inv_delta + check_epsilon(target_epsilon)) - math.sqrt(log_inv_delta)
 
 
+def tan_batch_size(dataset_size: int, target_epsilon: float, delta: float, steps: int,
+                   noise_multiplier: float) -> float:
+    """The TAN batch rule (§3.2): the expected batch size B = eta * sigma * sqrt(2 / S) * N at which S steps
+    at noise multiplier sigma have eps_TAN = `target_epsilon` (eta from `eta_for_eps_tan`).
+
+    Not rounded, not capped: the caller decides how (`plan_constant_tan` rounds to the nearest batch and
+    caps at N; the synthesizer refuses batches too small to learn from, caps and rounds down). eps_TAN is a
+    heuristic: calibrate sigma with an accountant at the batch finally chosen.
+    """
+    n = _check_batch(dataset_size, "dataset_size")
+    sigma = check_noise_multiplier(noise_multiplier)
+    steps = _check_batch(steps, "steps")
+    return eta_for_eps_tan(target_epsilon, delta) * sigma * math.sqrt(2 / steps) * n
+
+
 def noise_multiplier_for_batch(batch_size: int, batch_size_ref: int, noise_multiplier_ref: float) -> float:
     """sigma = sigma_ref * B / B_ref: keeps eta constant at fixed steps (TAN's `get_noise_from_bs`)."""
     b = _check_batch(batch_size, "batch_size")
@@ -200,6 +215,15 @@ class TanReport:
     overcharged: bool
     accountant: str
 
+    def to_dict(self) -> dict[str, float | int | str | bool | None]:
+        """The report as `tramontane account` prints it, in that order: the ratio as
+        `epsilon_over_epsilon_tan`; `eta_step` left out (it is eta / sqrt(steps))."""
+        return {"epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant,
+                "sample_rate": self.sample_rate, "noise_multiplier": self.noise_multiplier, "steps": self.steps,
+                "eta": self.eta, "total_amount_of_noise": self.total_amount_of_noise,
+                "epsilon_tan": self.epsilon_tan, "epsilon_over_epsilon_tan": self.ratio,
+                "overcharged": self.overcharged}
+
 
 def tan_report(sample_rate: float, noise_multiplier: float, steps: int, delta: float,
                accountant: Accountant = "rdp") -> TanReport:
@@ -236,6 +260,21 @@ class TanPlan:
     accountant: str
     simulated: SimulatedSetting | None
 
+    def to_dict(self) -> dict[str, dict[str, float | int | str | bool]]:
+        """The plan as `tramontane plan` prints it: `private_run` (the reference setting with its accounted
+        epsilon), and `simulation` (NOT private) only when there is one."""
+        ref = self.reference
+        result = {"private_run": {"batch_size": ref.batch_size, "noise_multiplier": ref.noise_multiplier,
+                                  "steps": ref.steps, "sample_rate": ref.sample_rate, "epochs": ref.epochs,
+                                  "epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant,
+                                  "eta": ref.eta, "epsilon_tan": self.epsilon_tan}}
+        if self.simulated is not None:
+            sim = self.simulated
+            result["simulation"] = {"batch_size": sim.batch_size, "noise_multiplier": sim.noise_multiplier,
+                                    "steps": sim.steps, "epochs": sim.epochs, "private": sim.private,
+                                    "label": sim.label}
+        return result
+
 
 def plan_constant_tan(
     dataset_size: int,
@@ -250,10 +289,10 @@ def plan_constant_tan(
 ) -> TanPlan:
     """Propose (B_ref, sigma_ref) for S steps at (target_epsilon, delta), and a small-batch simulation.
 
-    Without `batch_size_ref`, eps_TAN is inverted for eta and B_ref = eta * sigma * sqrt(2 / S) * N is
-    chosen for sigma = `noise_multiplier_guess` (default 3, the middle of the 2..4 sweet spot). In either
-    case sigma_ref is then calibrated exactly with `accountant` at q = B_ref / N, so the reference run is
-    (target_epsilon, delta)-DP. The simulation uses `simulated_batch_size` (None, or not below B_ref: no
+    Without `batch_size_ref`, B_ref is the TAN rule's batch (`tan_batch_size`: eps_TAN inverted for eta,
+    B_ref = eta * sigma * sqrt(2 / S) * N) for sigma = `noise_multiplier_guess` (default 3, the middle of
+    the 2..4 sweet spot), rounded to the nearest batch. In either case sigma_ref is then calibrated exactly
+    with `accountant` at q = B_ref / N, so the reference run is (target_epsilon, delta)-DP. The simulation uses `simulated_batch_size` (None, or not below B_ref: no
     simulation) and is labelled not private.
     """
     n = _check_batch(dataset_size, "dataset_size")
@@ -262,7 +301,7 @@ def plan_constant_tan(
     steps = _check_batch(steps, "steps")
     if batch_size_ref is None:
         guess = check_noise_multiplier(noise_multiplier_guess)
-        batch_size_ref = round(eta_for_eps_tan(target_epsilon, delta) * guess * math.sqrt(2 / steps) * n)
+        batch_size_ref = round(tan_batch_size(n, target_epsilon, delta, steps, guess))
         if batch_size_ref < 1:
             raise PrivacyParameterError(
                 f"target epsilon {target_epsilon} over {steps} steps needs an expected batch below one "

@@ -54,8 +54,10 @@ from tramontane.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     DpSgdEvent,
     EpsilonDeltaEvent,
+    ExponentialMechanismEvent,
     GaussianEvent,
     LedgerLike,
+    Mechanism,
     ledger_events,
     pld_of,
 )
@@ -66,17 +68,29 @@ from tramontane.accounting.events import (
     check_noise_multiplier,
     check_sample_rate,
 )
+from tramontane.accounting.gaussian import analytic_gaussian_sigma as gaussian_noise_for_epsilon  # noqa: F401 - its audit name
 from tramontane.errors import PrivacyParameterError
 
 
-def split_events(events: LedgerLike) -> tuple[list[DpSgdEvent | GaussianEvent], list[EpsilonDeltaEvent]]:
-    """(mechanism events that spend something, declared (epsilon, delta) events that spend something)."""
-    mechanisms: list[DpSgdEvent | GaussianEvent] = []
+def split_events(events: LedgerLike, *, selections_as_pure_dp: bool = True
+                 ) -> tuple[list[Mechanism], list[EpsilonDeltaEvent]]:
+    """(mechanism events that spend something, declared (epsilon, delta) events that spend something).
+
+    Exponential-mechanism selections: with `selections_as_pure_dp` (for the closed forms and the sampler
+    here, built for Gaussian mechanisms) they join the declared events as pure (count x epsilon, 0)-DP, a
+    sound and loose stand-in; without it they stay mechanisms, which the PLD composes exactly as the pld
+    accountant does (the randomized-response pair of each)."""
+    mechanisms: list[Mechanism] = []
     declared: list[EpsilonDeltaEvent] = []
     for event in ledger_events(events):
         if event.spends_nothing:
             continue
-        (declared if isinstance(event, EpsilonDeltaEvent) else mechanisms).append(event)
+        if isinstance(event, ExponentialMechanismEvent) and selections_as_pure_dp:
+            declared.append(EpsilonDeltaEvent(event.count * event.epsilon, 0.0, label=event.label))
+        elif isinstance(event, EpsilonDeltaEvent):
+            declared.append(event)
+        else:
+            mechanisms.append(event)
     return mechanisms, declared
 
 
@@ -158,28 +172,13 @@ def naive_advantage_bounds(epsilon: float, delta: float) -> dict[str, float]:
             "one_minus_exp": 1.0 - math.exp(-eps) * (1.0 - delta)}
 
 
-def gaussian_noise_for_epsilon(epsilon: float, delta: float) -> float:
-    """The exact sigma at which the Gaussian mechanism (sensitivity 1) is (epsilon, delta)-DP, i.e.
-    Phi(1/(2 sigma) - eps sigma) - e^eps Phi(-1/(2 sigma) - eps sigma) = delta (Balle and Wang 2018,
-    "Improving the Gaussian mechanism for differential privacy", Thm 8)."""
-    from scipy.optimize import brentq
-
-    eps, delta = check_epsilon(epsilon), check_delta(delta)
-
-    def excess(log_sigma: float) -> float:
-        s = math.exp(log_sigma)
-        return float(stats.norm.cdf(1 / (2 * s) - eps * s)
-                     - math.exp(eps) * stats.norm.cdf(-1 / (2 * s) - eps * s)) - delta
-
-    return math.exp(brentq(excess, math.log(1e-3), math.log(1e4), xtol=1e-12))
-
-
 # -- the privacy profile of a ledger -----------------------------------------------------------------------
 
 class PrivacyProfile:
     """delta(epsilon) of a ledger, from dp-accounting's PLD accountant, and what follows from it.
 
-    Mechanism events (DP-SGD, Gaussian) are composed once by `accounting.pld_of`, as
+    Mechanism events (DP-SGD, Gaussian, exponential-mechanism selections) are composed once by
+    `accounting.pld_of`, as
     `dp_accounting.pld.PLDAccountant` composes them (pessimistic: every delta it returns is an upper bound);
     like the pld accountant it raises `PldTooLargeError` beyond `accounting.PLD_MAX_POINTS` grid points. Declared (epsilon_i, delta_i) events join by
     basic composition in `delta` (delta(eps) = delta_mech(eps - sum eps_i) + sum delta_i) and by maximal
@@ -188,7 +187,7 @@ class PrivacyProfile:
     """
 
     def __init__(self, events: LedgerLike, *, pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> None:
-        self.mechanisms, self.declared = split_events(events)
+        self.mechanisms, self.declared = split_events(events, selections_as_pure_dp=False)
         self.pld_discretization = pld_discretization
         self._pld = pld_of(self.mechanisms, pld_discretization) if self.mechanisms else None
         self._deltas: dict[float, float] = {}  # get_delta is the costly part of trade-off curves

@@ -15,11 +15,11 @@ from DP-FedAvg's clients to DP-SGD's examples: the unit that is clipped and nois
    other option: a gradient-space canary (a unit vector orthogonal to the pool), the ideal canary an
    adversary that controls its gradient could insert; it measures the noise mechanism alone.
 3. Replay (`replay_dp_steps`, or `replayed_scores` one round at a time; CANIFE's `train_freeze`): with
-   the model frozen, `rounds` DP-SGD steps of the real engine (`tramontane.dp.DPEngine`: Poisson batch at
-   the run's rate, per-example clipping, Gaussian noise), the canary added as an extra example on even
-   rounds. The attack score of a step is s = <u_hat, noisy clipped sum> / C with u_hat the unit direction
-   of the canary's clipped gradient: an ideal canary adds exactly 1, the noise N(0, sigma^2), the other
-   examples what crafting drove to 0.
+   the model frozen, `rounds` DP-SGD steps of the real engine (`tramontane.dp.DPEngine.step`, the step
+   training takes: Poisson batch at the run's rate, per-example clipping, Gaussian noise), the canary added
+   as an extra example on even rounds. The attack score of a step is s = <u_hat, noisy clipped sum> / C
+   with u_hat the unit direction of the canary's clipped gradient: an ideal canary adds exactly 1, the
+   noise N(0, sigma^2), the other examples what crafting drove to 0.
 4. `audit_dp_step`: CANIFE's estimator (`estimators.empirical_epsilon`) on the two score sets, beside the
    one-step theoretical epsilon of the unsampled Gaussian mechanism (the canary is in every "with" step),
    the comparison CANIFE's "2-7x lower" figures make; `estimators.compose_estimates` turns it into an
@@ -43,9 +43,8 @@ import torch
 from torch import nn
 
 from tramontane.audit.estimators import EpsilonEstimate, empirical_epsilon, gaussian_epsilon
-from tramontane.dp import CLIP_EPS, DPEngine, PoissonSampler, micro_batches
+from tramontane.dp import CLIP_EPS, DPEngine, Objective, PoissonSampler
 from tramontane.errors import PrivacyParameterError, TramontaneWarning
-from tramontane.training import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -221,15 +220,9 @@ def replayed_scores(model: nn.Module, objective: Objective, num_examples: int, *
     try:
         for r, indices in enumerate(sampler):
             present = r % 2 == 0
-            for micro in micro_batches(indices, micro_batch_size):
-                batch, ids = objective.rows(micro)
-                with engine.record(example_ids=ids):
-                    engine.backward(objective.losses(model, batch))
-            if present and canary_rows is not None:
-                batch, ids = canary_rows()
-                with engine.record(example_ids=ids):
-                    engine.backward(objective.losses(model, batch))
-            engine.add_noise_and_set_grads(expected)
+            canary = _lazily(canary_rows) if present and canary_rows is not None else ()
+            engine.step(objective, indices, expected_batch_size=expected, micro_batch_size=micro_batch_size,
+                        extra_batches=canary)
             noisy_sum = flat_gradient([p.grad for p in params], params) * expected
             if present and canary_gradient is not None:
                 noisy_sum = noisy_sum + canary_gradient.to(noisy_sum)
@@ -240,6 +233,11 @@ def replayed_scores(model: nn.Module, objective: Objective, num_examples: int, *
         engine.reset()
         for p in params:
             p.grad = None
+
+
+def _lazily(make: Callable[[], tuple[Any, torch.Tensor | None]]) -> Iterator[tuple[Any, torch.Tensor | None]]:
+    """One micro-batch, built only when the step reaches it (after the batch's own rows were drawn)."""
+    yield make()
 
 
 def replay_dp_steps(model: nn.Module, objective: Objective, num_examples: int, *, sample_rate: float,

@@ -2,9 +2,10 @@
 and, when given, what an audit measured; plus the plots (attack ROC in log scale, bounds over training).
 
 `privacy_card` returns a flat dict of JSON-able scalars (floats, ints, strings) so that reports can show
-it as a two-column table. Keys:
+it as a two-column table. It reads a run's `accounting.PrivacyStatement` (a synthesizer's `statement`) or
+a bare ledger at a delta. Keys:
 
-- delta, epsilon_rdp, epsilon_pld: the ledger under both accountants (`tramontane.accounting`);
+- delta, epsilon_rdp, epsilon_pld: the ledger under both accountants (the statement's, when given);
 - mi_advantage_bound: the TV bound of arXiv 2204.06106 (`bounds.mi_advantage_bound`);
 - mi_advantage_naive_epsilon_delta, mi_advantage_naive_yeom: the usual conversions of (epsilon_pld,
   delta), never tighter than the bound;
@@ -35,6 +36,7 @@ from tramontane.accounting import (
     LedgerLike,
     PldTooLargeError,
     PrivacyLedger,
+    PrivacyStatement,
     check_pld_size,
     pld_self_compose,
 )
@@ -53,25 +55,44 @@ CONFIDENCE_PRIOR = 0.5
 CONFIDENCE_FPR = 1e-3
 
 
-def privacy_card(ledger: LedgerLike, delta: float, schema: Any = None, audit: Any = None, *,
-                 prior: float = CONFIDENCE_PRIOR, fpr: float = CONFIDENCE_FPR,
-                 pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> dict[str, Any]:
-    """The report card of a ledger at `delta` (see the module docstring for the keys).
+def privacy_card(ledger: LedgerLike | PrivacyStatement, delta: float | None = None, schema: Any = None,
+                 audit: Any = None, *, prior: float = CONFIDENCE_PRIOR, fpr: float = CONFIDENCE_FPR,
+                 pld_discretization: float | None = None) -> dict[str, Any]:
+    """The report card of a run's privacy statement, or of a ledger at `delta` (see the module docstring
+    for the keys).
 
     Args:
-        ledger: a `PrivacyLedger` (or events).
+        ledger: a `PrivacyStatement` (e.g. `Synthesizer.statement`): its ledger at its delta and PLD
+            discretisation, its epsilons read as they are; or a `PrivacyLedger`
+            (or events), composed here once, at `delta`.
+        delta: required with a ledger; with a statement None or the statement's.
         schema: a `Schema` (anything with `.columns` of objects with `.name` and `.n_values`): adds one
             reconstruction bound per column with M = its number of values.
         audit: a `SynthAudit` (its `summary()`) or a mapping with empirical_epsilon, empirical_epsilon_low,
             empirical_epsilon_high and optionally theoretical_epsilon, theoretical_over_empirical, method.
-        pld_discretization: of the PLD accountant (the ledger's default; coarser is faster and looser).
+        pld_discretization: of the PLD accountant (default: the statement's, or the ledger's default;
+            coarser is faster and looser). With a statement it must be the statement's.
 
     Raises `accounting.PldTooLargeError` when the ledger's PLD would exceed `accounting.PLD_MAX_POINTS`.
     """
-    profile = PrivacyProfile(ledger, pld_discretization=pld_discretization)
+    statement = None
+    if isinstance(ledger, PrivacyStatement):
+        statement = ledger
+        if delta is not None and delta != statement.delta:
+            raise PrivacyParameterError(f"delta={delta} is not the privacy statement's delta {statement.delta}: "
+                                        "leave delta out, or build the statement at that delta")
+        if pld_discretization is not None and pld_discretization != statement.pld_discretization:
+            raise PrivacyParameterError(
+                f"pld_discretization={pld_discretization} is not the privacy statement's "
+                f"{statement.pld_discretization}: leave it out, or build the statement with it")
+        ledger, delta, pld_discretization = statement.events, statement.delta, statement.pld_discretization
+    elif delta is None:
+        raise PrivacyParameterError("privacy_card needs the delta to state a ledger at (or a PrivacyStatement)")
+    elif pld_discretization is None:
+        pld_discretization = DEFAULT_PLD_DISCRETIZATION
+    profile = PrivacyProfile(ledger, pld_discretization=pld_discretization)  # the ledger's PLD, composed once
     events = profile.mechanisms + profile.declared
-    eps_rdp = accounting.epsilon(events, delta, "rdp")
-    eps_pld = profile.epsilon(delta)
+    eps_rdp, eps_pld = _card_epsilons(profile, delta, statement)
     naive = naive_advantage_bounds(eps_pld, delta)
     grid = np.unique(np.concatenate([profile.epsilon_grid(), [eps_pld]]))
     card: dict[str, Any] = {
@@ -98,6 +119,15 @@ def privacy_card(ledger: LedgerLike, delta: float, schema: Any = None, audit: An
             if key in summary:
                 card[f"audit_{key}"] = summary[key]
     return card
+
+
+def _card_epsilons(profile: PrivacyProfile, delta: float,
+                   statement: PrivacyStatement | None) -> tuple[float, float]:
+    """(RDP, PLD) epsilon of the ledger: the statement's as they are, else composed here by the accountants'
+    rules (the profile's PLD is the pld accountant's, declared steps by basic composition)."""
+    if statement is not None:
+        return statement.epsilon_rdp, statement.epsilon_pld
+    return accounting.epsilon(profile.mechanisms + profile.declared, delta, "rdp"), profile.epsilon(delta)
 
 
 def ledger_bounds(ledger: LedgerLike, delta: float, num_values: int | None = None) -> dict[str, Any]:

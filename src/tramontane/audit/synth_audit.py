@@ -91,10 +91,10 @@ from tramontane.audit.canife import (
 from tramontane.audit.estimators import ComposedEstimate, compose_estimates
 from tramontane.audit.membership import AttackSummary, attack_summary, lira_scores, roc_curve
 from tramontane.errors import ConfigError, DataError, SchemaError
+from tramontane.files import write_json_atomic
 from tramontane.synth.codec import EncodedRows, TabularCodec
-from tramontane.synth.schema import Schema
-from tramontane.synth.synthesizer import Synthesizer, value_log_likelihood
-from tramontane.training.state import write_json_atomic
+from tramontane.synth.synthesizer import RowObjective, Synthesizer
+from tramontane.tables.schema import Schema
 
 logger = logging.getLogger(__name__)
 
@@ -116,29 +116,6 @@ def auto_rounds(expected_batch: float) -> int:
     return max(lo, min(hi, rounds - rounds % 2))
 
 
-class TableObjective:
-    """The synthesizer's training loss over value-id rows, through the codec's public API: constrained
-    value log-likelihood per column, K column-permuted copies of a row averaged inside one example."""
-
-    def __init__(self, codec: TabularCodec, vids: np.ndarray, augmentations: int = 1,
-                 permute_columns: bool = True, rng: np.random.Generator | None = None) -> None:
-        self.codec, self.vids = codec, vids
-        self.augmentations, self.permute_columns = augmentations, permute_columns
-        self.rng = rng if rng is not None else np.random.default_rng()
-
-    def encode(self, vids: np.ndarray) -> tuple[EncodedRows, torch.Tensor | None]:
-        order = "random" if self.permute_columns else None
-        enc = self.codec.encode_value_ids(vids, order, self.augmentations, self.rng)
-        return enc, enc.example_ids if self.augmentations > 1 else None
-
-    def rows(self, indices) -> tuple[EncodedRows, torch.Tensor | None]:
-        return self.encode(self.vids[np.asarray(indices, dtype=np.int64)])
-
-    def losses(self, model: nn.Module, batch: EncodedRows) -> torch.Tensor:
-        ll = value_log_likelihood(model, self.codec, batch)
-        return -ll / (self.codec.n_columns * self.augmentations)
-
-
 def value_token_table(codec: TabularCodec) -> tuple[torch.Tensor, torch.Tensor]:
     """([d, Vmax] token id of value v of column j (0 where v is out of range), [d, Vmax] valid mask)."""
     sizes = torch.as_tensor(codec.value_sizes)
@@ -152,7 +129,8 @@ def value_token_table(codec: TabularCodec) -> tuple[torch.Tensor, torch.Tensor]:
 def soft_row_loss(model: nn.Module, codec: TabularCodec) -> Callable[[torch.Tensor], torch.Tensor]:
     """weights [d, Vmax] (a distribution over each column's values) -> the training loss of that soft row
     in schema order: value positions get the weighted mix of the column's value embeddings, and the loss is
-    the expected constrained NLL per column. One-hot weights give exactly `TableObjective`'s loss."""
+    the expected constrained NLL per column. One-hot weights give exactly the synthesizer's training loss
+    (`RowObjective` without column permutations or augmentations)."""
     d = codec.n_columns
     offset = 1 if codec.bos else 0
     tokens = codec.encode_value_ids(np.zeros((1, d), dtype=np.int64)).tokens  # 1 T, schema order
@@ -421,7 +399,7 @@ def _audit(synth: Synthesizer, rows: pd.DataFrame, held: pd.DataFrame | None, n_
     vids = synth.schema.value_ids(rows)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    objective = TableObjective(codec, vids, synth.config.augmentations, synth.config.permute_columns, rng)
+    objective = RowObjective(codec, vids, synth.config, rng)  # the fit's own loss, drawing from the audit's rng
 
     done = 0
 

@@ -20,7 +20,6 @@ embedding's rows/width.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from dataclasses import dataclass
 
 import torch

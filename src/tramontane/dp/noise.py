@@ -8,7 +8,7 @@ bits for differential privacy"); like Opacus without `secure_mode`, we accept bo
 
 With a seed, every draw is reproducible, hence predictable by whoever knows the seed: a `TramontaneWarning`
 says so. Use seeds for tests and debugging, not for releases. A seeded stream is a pure function of
-(seed, purpose, device, step index) through `derive_seed`, which gives two guarantees:
+(seed, purpose, device, step index) through `tramontane.seeding.derive_seed`, which gives two guarantees:
 - one seed may serve several mechanisms: the Poisson sampler and the Gaussian noise seeded alike still
   draw independent streams (their purposes differ), so the noise is never a function of the batch draws;
 - a run resumed at step k (`first_step=k`) draws exactly what an uninterrupted run draws at steps k, k+1,
@@ -17,25 +17,12 @@ says so. Use seeds for tests and debugging, not for releases. A seeded stream is
 
 from __future__ import annotations
 
-import hashlib
-import json
-import operator
-import secrets
 import warnings
 
 import torch
 
 from tramontane.errors import PrivacyParameterError, TramontaneWarning
-
-_SEED_DOMAIN = "tramontane.derive_seed.v1"
-
-
-def derive_seed(seed: int, *labels: str | int) -> int:
-    """A 63-bit torch seed for one labelled use of `seed`: the first 8 bytes of SHA-256 over the JSON list
-    [domain, seed, *labels]. Distinct labels give seeds as independent as SHA-256 outputs, so streams
-    seeded from them share nothing (unlike seed + offset, where streams of nearby seeds may overlap)."""
-    digest = hashlib.sha256(json.dumps([_SEED_DOMAIN, operator.index(seed), *labels]).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+from tramontane.seeding import derive_seed, seed_for  # noqa: F401 - derive_seed re-exported: its old path
 
 
 class SecureRandom:
@@ -75,10 +62,7 @@ class SecureRandom:
             self.next_step()
         if device not in self._generators:
             gen = torch.Generator(device=device)
-            if self.seed is None:
-                gen.manual_seed(secrets.randbits(63))
-            else:
-                gen.manual_seed(derive_seed(self.seed, self.purpose, str(device), self.step))
+            gen.manual_seed(seed_for(self.seed, self.purpose, str(device), self.step))
             self._generators[device] = gen
         return self._generators[device]
 

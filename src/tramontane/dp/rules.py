@@ -1,21 +1,36 @@
-"""Per-layer rules: from what a layer's forward saw and the gradient of its output, each example's share of
-the gradient of the layer's own parameters (as `Contribution`s, see `contributions.py`).
+"""Per-module rules, registered by module type: from what a layer's forward saw and the gradient of its
+output, each example's share of the gradient of the layer's own parameters (as `Contribution`s, see
+`contributions.py`).
+
+A registry maps module types to rules, as Opacus registers a grad sampler per module type
+(`register_rule(module_type, rule)`); `rule_for` looks a module up by walking its type's MRO. Generic rules,
+registered here:
 
 - `LinearRule` (nn.Linear over [B, d] or [B, T, ..., d]): per layer, the cheaper of ghost norms (keeps the
   input and output gradient, O(P^2 (i + o)) per example) and materialised per-example gradients
   (O(P i o) to build, then O(i o) to clip and sum); see `LinearRule.choose`.
 - `EmbeddingRule` (nn.Embedding): token-sparse, never materialised.
-- `NormRule` (RMSNorm, nn.RMSNorm, nn.LayerNorm): exact per-example gradients of the small weight and bias.
-- `FunctionalRule`: any other module with parameters, through torch.func (functional_call + vmap + grad):
-  the module's forward is re-run once per example on its saved inputs, its parameters differentiated.
+- `NormRule` (nn.RMSNorm, nn.LayerNorm): exact per-example gradients of the small weight and bias.
+- `FunctionalRule`: any other module with parameters (registered for nn.Module, the fallback), through
+  torch.func (functional_call + vmap + grad): the module's forward is re-run once per example on its saved
+  inputs, its parameters differentiated. nn.MultiheadAttention is one such unit with its children.
+
+A second kind, `RoutingRule`, describes a module that sends each row of its input to some of its branches
+(a mixture of experts): the recording asks it which rows each branch got, to charge them to their examples.
+
+Model-specific rules live beside their models' integration (`mistral.py` for tramontane's RMSNorm and
+MoeLayer) and register themselves; this module imports no model.
 
 Every rule assumes the module treats the rows of its input independently (no mixing across examples);
-`validate.py` refuses the layers known not to.
+`validate.py` refuses the layers known not to. A rule found for a base class applies to a subclass only if
+the subclass runs the base's `forward` unchanged (a new forward may compute something else), unless the
+rule differentiates whatever forward runs (`Rule.any_forward`, as `FunctionalRule` does).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -26,8 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tramontane.dp.contributions import Contribution, EmbeddingRows, LinearGhost, PerExample
 from tramontane.dp.rows import Layout
-from tramontane.errors import UnsupportedModuleError
-from tramontane.models.layers import RMSNorm
+from tramontane.errors import ConfigError, UnsupportedModuleError
 
 
 class RuleContext(Protocol):
@@ -59,6 +73,8 @@ class Rule(ABC):
     param_names: tuple[str, ...] = ()
     tuple_outputs = False  # may the module return a tuple (one floating tensor in it)?
     feat_dims = 1  # trailing feature axes of the saved activation (rows are all the other axes)
+    any_forward = False  # correct whatever the module's forward computes (so also for subclasses)?
+    subtree = False  # one unit with the module's children: their parameters too, their calls not hooked
 
     def covers(self, module: nn.Module, names: set[str]) -> bool:
         return names <= set(self.param_names)
@@ -150,12 +166,21 @@ class NormRule(Rule):
     zero weight entry and an output not modified in place, normalize(x) = y / weight is read off the
     output (a few ulps from the forward's own value; one pass instead of recomputing the statistics);
     otherwise it is recomputed from the input exactly as forward computes it. Either way the norm and the
-    clipped sum use the same per-example gradient, so the clipping bound holds exactly."""
+    clipped sum use the same per-example gradient, so the clipping bound holds exactly.
+
+    Args:
+        normalize: (module, x) -> normalize(x), with the same operations and dtypes as the module's forward.
+        feat_dims: (module) -> how many trailing axes the module normalises over.
+    """
 
     param_names = ("weight", "bias")
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, normalize: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                 feat_dims: Callable[[nn.Module], int]) -> None:
+        self.normalize, self._feat_dims = normalize, feat_dims
+
+    def covers(self, module, names):
+        return getattr(module, "elementwise_affine", True) and super().covers(module, names)
 
     def capture(self, module, args, kwargs, output, output_leaf):
         x, y = _first_tensor(args, kwargs, "input").detach(), output.detach()
@@ -173,15 +198,10 @@ class NormRule(Rule):
             raise UnsupportedModuleError(
                 f"the input and the output of {type(module).__name__} were both modified in place after the "
                 "forward; its per-example gradient cannot be computed")
-        if self.kind == "tramontane":  # the same ops and dtypes as RMSNorm.forward
-            x32 = x.float()
-            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.eps)).type_as(x)
-        if self.kind == "rms":
-            return F.rms_norm(x, module.normalized_shape, None, module.eps)
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        return self.normalize(module, x)
 
     def feat_dims_of(self, module):
-        return 1 if self.kind == "tramontane" else len(module.normalized_shape)
+        return self._feat_dims(module)
 
     def contributions(self, module, saved, grad_out, layout, want, ctx):
         feat = self.feat_dims_of(module)
@@ -204,13 +224,15 @@ class NormRule(Rule):
 class FunctionalRule(Rule):
     """Any module with parameters: per-example gradients by torch.func, from the saved inputs.
 
-    `recurse`: also the parameters of submodules (for modules such as nn.MultiheadAttention that use their
-    children's weights directly instead of calling the children)."""
+    `subtree`: the module and its children are one unit, all their parameters differentiated here (for
+    modules such as nn.MultiheadAttention that use their children's weights directly instead of calling
+    the children)."""
 
     tuple_outputs = True
+    any_forward = True
 
-    def __init__(self, recurse: bool = False) -> None:
-        self.recurse = recurse
+    def __init__(self, subtree: bool = False) -> None:
+        self.subtree = subtree
 
     def covers(self, module, names):
         return True
@@ -233,7 +255,7 @@ class FunctionalRule(Rule):
         leaves, spec, output_leaf = saved
         batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in leaves]
         inputs = [t for t, b in zip(leaves, batched) if b]
-        params = {n: p.detach() for n, p in module.named_parameters(recurse=self.recurse) if n in want}
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=self.subtree) if n in want}
 
         def example_loss(params: dict, inputs_i: list, g_i: torch.Tensor) -> torch.Tensor:
             it = iter(inputs_i)
@@ -263,22 +285,96 @@ class FunctionalRule(Rule):
         return out
 
 
-_LINEAR, _EMBEDDING = LinearRule(), EmbeddingRule()
-_NORMS: dict[type, NormRule] = {RMSNorm: NormRule("tramontane"), nn.RMSNorm: NormRule("rms"),
-                                nn.LayerNorm: NormRule("layer")}
+class RoutingRule(ABC):
+    """A module that sends each row of its input [B, ..., d] (flattened example-major to [N, d]) to some of
+    its branches, chosen by a router child that scores every row: a mixture of experts. Each branch then sees
+    rows of several examples mixed; the recording keeps the router's output and, when the module's forward
+    returns, asks `branch_rows` which rows each branch got, so that every row is charged to its example.
+
+    The branches may hold only layers whose rules take an explicit row layout (nn.Linear, nn.Embedding,
+    norms); the functional rule needs dim 0 to be the example axis and is refused there."""
+
+    @abstractmethod
+    def router(self, module: nn.Module) -> nn.Module:
+        """The child that scores the flattened rows [N, d]; its output decides the routing."""
+
+    @abstractmethod
+    def branches(self, module: nn.Module) -> Sequence[nn.Module]:
+        """The children that each receive a subset of the rows."""
+
+    @abstractmethod
+    def branch_rows(self, module: nn.Module, router_output: torch.Tensor) -> list[torch.Tensor]:
+        """For each branch, the indices [n_e] of the flattened rows it was fed, in the order it saw them
+        (recomputed from the router's output exactly as the module's forward chooses them)."""
+
+
+_RULES: dict[type[nn.Module], Rule] = {}
+_ROUTING: dict[type[nn.Module], RoutingRule] = {}
+
+
+def register_rule(module_type: type[nn.Module], rule: Rule | RoutingRule) -> None:
+    """Register `rule` for `module_type` and its subclasses that keep its `forward` (see the module
+    docstring); a later registration for the same type replaces the earlier one. A `Rule` computes the
+    per-example gradients of the module's own parameters; a `RoutingRule` describes how the module routes
+    rows to its children (both may be registered for one type)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ConfigError(f"register_rule takes an nn.Module subclass, got {module_type!r}")
+    if isinstance(rule, Rule):
+        _RULES[module_type] = rule
+    elif isinstance(rule, RoutingRule):
+        _ROUTING[module_type] = rule
+    else:
+        raise ConfigError(f"register_rule takes a Rule or a RoutingRule, got {type(rule).__name__}: subclass "
+                          "tramontane.dp.rules.Rule")
+
+
+def _lookup(module: nn.Module, table: dict[type[nn.Module], Any]) -> Any:
+    """The rule of the nearest class in type(module)'s MRO with one that applies to `module`, or None."""
+    kind = type(module)
+    own_forward = "forward" in vars(module)  # patched on the instance: only forward-agnostic rules apply
+    for cls in kind.__mro__:
+        rule = table.get(cls)
+        if rule is not None and (getattr(rule, "any_forward", False)
+                                 or (not own_forward and kind.forward is cls.forward)):
+            return rule
+    return None
+
+
+def registered_rule(module: nn.Module) -> Rule:
+    """The rule registered for `module`'s type (walking its MRO; the functional rule at the latest)."""
+    rule = _lookup(module, _RULES)
+    assert rule is not None, "nn.Module has the functional rule registered"
+    return rule
 
 
 def rule_for(module: nn.Module, names: set[str]) -> Rule:
-    """The rule for a module whose own trainable parameters are `names` (exact types only: a subclass may
-    change forward, so it goes through the generic rule)."""
-    kind = type(module)
-    rule: Rule | None = None
-    if kind is nn.Linear:
-        rule = _LINEAR
-    elif kind is nn.Embedding:
-        rule = _EMBEDDING
-    elif kind in _NORMS and getattr(module, "elementwise_affine", True):
-        rule = _NORMS[kind]
-    if rule is not None and rule.covers(module, names):
-        return rule
-    return FunctionalRule()
+    """The rule for a module whose own trainable parameters are `names`: its registered rule when that covers
+    them, else the functional rule."""
+    rule = registered_rule(module)
+    return rule if rule.covers(module, names) else _FUNCTIONAL
+
+
+def routing_for(module: nn.Module) -> RoutingRule | None:
+    """The routing rule registered for `module`'s type (walking its MRO), or None."""
+    return _lookup(module, _ROUTING)
+
+
+def _layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+def _normalized_dims(module: nn.Module) -> int:
+    return len(module.normalized_shape)
+
+
+_FUNCTIONAL = FunctionalRule()
+register_rule(nn.Module, _FUNCTIONAL)
+register_rule(nn.Linear, LinearRule())
+register_rule(nn.Embedding, EmbeddingRule())
+register_rule(nn.LayerNorm, NormRule(_layer_norm, _normalized_dims))
+register_rule(nn.RMSNorm, NormRule(_rms_norm, _normalized_dims))
+register_rule(nn.MultiheadAttention, FunctionalRule(subtree=True))

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from tramontane.dp.noise import SecureRandom
-from tramontane.errors import PrivacyParameterError
+from tramontane.errors import ConfigError, PrivacyParameterError
 
 
 class PoissonSampler:
@@ -63,6 +63,6 @@ def micro_batches(indices: Sequence[int], max_size: int) -> list[list[int]]:
     """Split one logical batch into physical micro-batches of at most `max_size` examples (none if empty).
     Clip each micro-batch, accumulate the clipped sums, add noise once per logical batch."""
     if max_size < 1:
-        raise ValueError(f"max_size must be >= 1, got {max_size}")
+        raise ConfigError(f"micro-batches need max_size >= 1, got {max_size}")
     indices = list(indices)
     return [indices[k * max_size:(k + 1) * max_size] for k in range(math.ceil(len(indices) / max_size))]

@@ -22,10 +22,6 @@ from torch import nn
 
 from tramontane.errors import UnsupportedModuleError
 
-# Modules whose forward uses their children's parameters without calling the children: their whole subtree
-# is one unit for the generic (torch.func) rule.
-OPAQUE_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why `module` cannot be trained with per-example clipping, or None."""

@@ -20,12 +20,8 @@ temporary directory next to the target and renames it, so a crash never leaves h
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import secrets
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,25 +29,29 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from tramontane.errors import CheckpointError, ConfigError
+from tramontane.files import fsync_path  # noqa: F401 - re-exported: the old import path keeps working
 from tramontane.models.args import DEFAULT_ROPE_THETA, ModelArgs, MoeArgs
 from tramontane.models.transformer import Transformer
+from tramontane.tensorfiles import (
+    DTYPES,
+    SAFETENSORS_DTYPES,
+    TensorEntry,
+    check_tensors,
+    read_json_object,
+    resolve_dtype,
+    scan_tensors,
+    shard_files,
+    unreadable,
+    write_dir_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
 Format = Literal["consolidated", "hf"]
 FORMATS: tuple[str, ...] = ("consolidated", "hf")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
-                  "half": "float16"}
-# safetensors dtype tags we accept; anything else (int8, fp8, ...) is a quantized checkpoint.
-_SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-}
 
 _HF_ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 # What transformers' MistralConfig / MixtralConfig assume for an absent key, so we build the network
@@ -63,7 +63,6 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                 "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2},
 }
 _HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-_MAX_LISTED = 10
 # transformers 5.x runtime Mixtral names (fused experts), as found in raw state_dict dumps
 _FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
 
@@ -121,9 +120,9 @@ def save_model(
     check_tensors({k: tuple(v.shape) for k, v in state.items()}, _expected_shapes(args),
                    f"the model does not match its ModelArgs ({_describe(args)})")
     target_dtype = resolve_dtype(dtype) or state["tok_embeddings.weight"].dtype
-    if target_dtype not in _DTYPES.values():
-        raise ConfigError(f"cannot save dtype {target_dtype}; pass dtype= one of {sorted(_DTYPES)}")
-    dtype_name = next(k for k, v in _DTYPES.items() if v == target_dtype)
+    if target_dtype not in DTYPES.values():
+        raise ConfigError(f"cannot save dtype {target_dtype}; pass dtype= one of {sorted(DTYPES)}")
+    dtype_name = next(k for k, v in DTYPES.items() if v == target_dtype)
     tensors = {k: v.detach().to("cpu", target_dtype).contiguous() for k, v in state.items()}
     if args.tied_embeddings:  # one tensor on disk; safetensors refuses shared storage anyway
         del tensors["output.weight"]
@@ -132,7 +131,7 @@ def save_model(
         files = {"config.json": args_to_hf_config(args, dtype_name), "model.safetensors": tensors}
     else:
         files = {"params.json": args.to_params(), "consolidated.safetensors": tensors}
-    return _write_dir_atomically(Path(path), files, overwrite)
+    return write_dir_atomically(Path(path), files, overwrite)
 
 
 def detect_format(path: str | Path, format: Format | None = None) -> Format:
@@ -202,13 +201,13 @@ def read_state_dict(
                    {k: s.shape for k, s in plan.items()},
                    f"checkpoint {path} does not match its config ({_describe(args)})")
     for name in plan:
-        if entries[name].dtype not in _SAFETENSORS_DTYPES:
+        if entries[name].dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"tensor {name!r} in {entries[name].file} has dtype {entries[name].dtype}; quantized or "
                 "non-floating checkpoints are not supported (save it in float32, bfloat16 or float16)"
             )
     embed = "tok_embeddings.weight" if fmt == "consolidated" else "model.embed_tokens.weight"
-    target = resolve_dtype(dtype) or _SAFETENSORS_DTYPES[entries[embed].dtype]
+    target = resolve_dtype(dtype) or SAFETENSORS_DTYPES[entries[embed].dtype]
     device = torch.device(device)
 
     state: dict[str, torch.Tensor] = {}
@@ -222,7 +221,7 @@ def read_state_dict(
                     tensor = st.get_tensor(name).to(device=device, dtype=target)
                     state.update(plan[name].convert(tensor))
         except (SafetensorError, OSError) as err:
-            raise _unreadable(file, err) from None
+            raise unreadable(file, err) from None
     if args.tied_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return state
@@ -423,13 +422,6 @@ class _Source:
     convert: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str
-
-
 def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = Transformer(args)
@@ -473,30 +465,6 @@ def _hf_plan(args: ModelArgs, on_disk: Iterable[str]) -> dict[str, _Source]:
     return plan
 
 
-def check_tensors(
-    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str
-) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    missing = [k for k in expected if k not in found]
-    unexpected = sorted(k for k in found if k not in expected)
-    wrong = [f"{k} expected shape {list(expected[k])}, found {list(found[k])}"
-             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s) {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s) {_listing(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shape(s): {_listing(wrong)}")
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
-
-
 def _describe(args: ModelArgs) -> str:
     moe = f", {args.moe.num_experts} experts" if args.moe is not None else ""
     return (f"dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
@@ -508,18 +476,11 @@ def _describe(args: ModelArgs) -> str:
 
 
 def weight_files(path: Path, fmt: Format) -> list[Path]:
+    """The safetensors files of a checkpoint folder in format `fmt`; pickled weights are refused, not read."""
     stem = "consolidated" if fmt == "consolidated" else "model"
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index} lists shard file(s) that do not exist: {absent}")
-        return files
+        return shard_files(index)
     if (path / f"{stem}.safetensors").is_file():
         return [path / f"{stem}.safetensors"]
     shards = sorted(path.glob(f"{stem}*.safetensors"))
@@ -538,65 +499,7 @@ def weight_files(path: Path, fmt: Format) -> list[Path]:
     )
 
 
-def scan_tensors(files: list[Path]) -> dict[str, _Entry]:
-    """Names, shapes and dtypes of every tensor in `files`, from the headers only (no data is read)."""
-    entries: dict[str, _Entry] = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as st:
-                for name in st.keys():
-                    view = st.get_slice(name)
-                    if name in entries:
-                        raise CheckpointError(
-                            f"tensor {name!r} appears in both {entries[name].file} and {file}; shards must "
-                            "hold disjoint tensors (tensor-parallel shards are not supported)"
-                        )
-                    entries[name] = _Entry(file, tuple(view.get_shape()), view.get_dtype())
-        except (SafetensorError, OSError) as err:
-            raise _unreadable(file, err) from None
-    return entries
-
-
-def _write_dir_atomically(path: Path, files: dict[str, Any], overwrite: bool) -> Path:
-    """Write `files` (name -> JSON dict or tensor dict) into a sibling temp dir, then rename it to `path`."""
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} exists and is not a directory")
-        if any(path.iterdir()) and not overwrite:
-            raise CheckpointError(f"{path} is not empty; save into a new directory or pass overwrite=True "
-                                  "(which replaces the whole directory)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not mkdtemp: that would make the checkpoint 0700
-    try:
-        file_mode = tmp.stat().st_mode & 0o666  # the umask applied; the safetensors writer makes files 0600
-        for name, content in files.items():
-            if name.endswith(".json"):
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-            else:
-                save_file(content, str(tmp / name), metadata={"format": "pt"})
-            os.chmod(tmp / name, file_mode)
-            fsync_path(tmp / name)
-        fsync_path(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        fsync_path(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def assign_weights(model: nn.Module, entries: dict[str, Any], names: dict[str, str], *,
+def assign_weights(model: nn.Module, entries: dict[str, TensorEntry], names: dict[str, str], *,
                    rotary_heads: Callable[[str], int | None] | None = None,
                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                    what: str = "the checkpoint") -> nn.Module:
@@ -632,48 +535,13 @@ def assign_weights(model: nn.Module, entries: dict[str, Any], names: dict[str, s
     return model.eval()
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file holding an object (params.json, config.json), or a ConfigError saying what is wrong."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory to disk (so a rename that follows is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------------------------ misc
-
-
-def _unreadable(file: Path, err: Exception) -> CheckpointError:
-    return CheckpointError(f"cannot read {file}: {err}; the file may be truncated or corrupt (re-download or "
-                           "re-save it)")
 
 
 def _check_format(format: str) -> Format:
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
     return format  # type: ignore[return-value]
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str):
-        name = _DTYPE_ALIASES.get(dtype, dtype.removeprefix("torch."))
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} (or a torch dtype of those), got {dtype!r}")
 
 
 __all__ = [

@@ -2,18 +2,15 @@
 
 Pixtral's `[IMG]` and Voxtral's `[AUDIO]` work the same way: the tokenizer (mistral_common) writes one
 placeholder token per encoder embedding, the placeholders are embedded like any token, and the encoder's
-embeddings then replace them, in order, row by row (as transformers' `masked_scatter` does).
+embeddings then replace them, in order, row by row (as transformers' `masked_scatter` does). Generating from
+such prompts is `tramontane.generation.multimodal`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from tramontane.errors import GenerationError
-from tramontane.generation import Completion, SamplingParams, generate
-from tramontane.models.transformer import Transformer
 
 
 def splice_embeddings(
@@ -43,15 +40,3 @@ def splice_embeddings(
     out[mask] = features.to(device=out.device, dtype=out.dtype)
     return out
 
-
-def generate_with_embeddings(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    embeddings: Sequence[torch.Tensor],
-    params: SamplingParams | None = None,
-    eos_id: int | None = None,
-    chunk_size: int | None = None,
-) -> list[Completion]:
-    """`generation.generate` for prompts whose input embeddings are given: `embeddings[i]` [T_i, D] are those
-    of `prompts[i]` (T_i ids, e.g. after `splice_embeddings`)."""
-    return generate(model, prompts, params, eos_id, chunk_size, prompt_embeddings=embeddings)

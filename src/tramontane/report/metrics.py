@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from tramontane.errors import DataError, PrivacyParameterError, SchemaError
-from tramontane.synth.schema import Schema
+from tramontane.seeding import numpy_rng
+from tramontane.tables.schema import Schema
 
 DEFAULT_TVD_BINS = 20
 _MAX_DENSE_CELLS = 1 << 24  # above this, a marginal is counted over its occupied cells only
@@ -415,7 +415,7 @@ def independent_marginals_baseline(
         raise DataError(f"n must be >= 0, got {n}")
     if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
         raise PrivacyParameterError(f"epsilon must be a positive finite number, got {epsilon!r}")
-    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    rng = rng if rng is not None else numpy_rng(None)
     fitted = schema.conform(df)
     if len(fitted) == 0:
         raise DataError("no row fits the schema: nothing to take marginals from")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tramontane.report.metrics import MarginalBins, table_codes
-from tramontane.synth.schema import Schema
+from tramontane.tables.schema import Schema
 
 REAL, SYNTHETIC, HELDOUT = "#4C72B0", "#DD8452", "#55A868"
 _MAX_TICK_LABELS = 24

@@ -7,9 +7,10 @@
     DIR/holder-only/evaluation.json, .html        for the data holder only (directory 0700, files 0600)
 
 so that publishing `release/` cannot leak through the evaluation by accident. The release is built by
-`release_report` (`tramontane.report.release`) from the privacy ledger, `Synthesizer.summary` and
-`.config`, the schema, bounds from the ledger (`tramontane.audit.card.privacy_card`) and the synthetic
-table; it never reads real rows or `Synthesizer.diagnostics`. The evaluation is built by
+`release_report` (`tramontane.report.release`) from the run's privacy statement (`Synthesizer.statement`,
+computed once per fit or load: the ledger and its epsilons), `Synthesizer.summary` and `.config`, the
+schema, bounds from the statement (`tramontane.audit.card.privacy_card`) and the synthetic table; it never
+reads real rows or `Synthesizer.diagnostics`. The evaluation is built by
 `holder_evaluation` (`tramontane.report.evaluation`) from the real rows and carries a "do not publish"
 notice. Each file is written atomically (`tramontane.files.write_atomic`).
 
@@ -160,9 +161,9 @@ import numpy as np
 import pandas as pd
 
 from tramontane.files import HOLDER_MODE, SHAREABLE_MODE, write_atomic
+from tramontane.manifest import DP, HOLDER, PUBLIC, ReleasedField
 from tramontane.report.evaluation import EVALUATION_FIELDS, holder_evaluation, render_evaluation
 from tramontane.report.release import OPAQUE, RELEASE_FIELDS, release_report, render_release
-from tramontane.synth import release as synth_release
 
 __all__ = ["EVALUATION_FIELDS", "HOLDER_DIR", "RELEASE_DIR", "RELEASE_FIELDS", "ReportPaths",
            "holder_evaluation", "release_report", "write_reports"]
@@ -221,36 +222,38 @@ RELEASE_HTML = f"report/{RELEASE_DIR}/report.html"
 EVALUATION_JSON = f"report/{HOLDER_DIR}/evaluation.json"
 EVALUATION_HTML = f"report/{HOLDER_DIR}/evaluation.html"
 
-_LEDGER_SOURCES = (synth_release.SCHEMA_LABEL, synth_release.ROW_COUNT_LABEL, synth_release.DPSGD_LABEL)
 
-
-def _as_released(artifact: str, field: Any, opaque: tuple[str, ...] = ()) -> list[synth_release.ReleasedField]:
+def _as_released(artifact: str, field: Any, schema_source: tuple[str, ...], count_source: tuple[str, ...],
+                 ledger_source: tuple[str, ...], opaque: tuple[str, ...] = ()) -> list[ReleasedField]:
     """A report `Field` in the manifest's terms: DP fields name the ledger events they may come from."""
     if field.status in ("public", "holder-only"):
-        status, source = (synth_release.PUBLIC if field.status == "public" else synth_release.HOLDER), ()
+        status, source = (PUBLIC if field.status == "public" else HOLDER), ()
     elif field.status == "schema":  # DP when inferred; a given schema is public (identical across neighbours)
-        status, source = synth_release.DP, (synth_release.SCHEMA_LABEL,)
+        status, source = DP, schema_source
     elif field.source == "DP count":
-        status, source = synth_release.DP, (synth_release.ROW_COUNT_LABEL,)
+        status, source = DP, count_source
     else:  # the ledger, bounds from it, the synthetic table: any of the run's mechanisms
-        status, source = synth_release.DP, _LEDGER_SOURCES
+        status, source = DP, ledger_source
     paths = [field.path] + ([field.path + ".*"] if field.path in opaque else [])
-    return [synth_release.ReleasedField(artifact, path, status, source, field.meaning) for path in paths]
+    return [ReleasedField(artifact, path, status, source, field.meaning) for path in paths]
 
 
-def manifest() -> tuple[synth_release.ReleasedField, ...]:
-    """Every field a synthesizer run writes: the model directory, the synthetic CSV and the terminal
-    (`tramontane.synth.synth_release.MANIFEST`) and both reports (`RELEASE_FIELDS`, `EVALUATION_FIELDS`), under
-    the artifact names of a `--report report` folder."""
-    out = list(synth_release.MANIFEST)
+def report_fields(*, schema_source: tuple[str, ...], count_source: tuple[str, ...],
+                  ledger_source: tuple[str, ...]) -> tuple[ReleasedField, ...]:
+    """Every field of both reports (`RELEASE_FIELDS`, `EVALUATION_FIELDS`, and the two pages) in the terms of a
+    release manifest (`tramontane.manifest`), under the artifact names of a `--report report` folder. The
+    caller names the ledger labels its DP fields come from: the schema's inference, the DP row count, and
+    any of the run's mechanisms (`tramontane.synth.release.manifest` adds them to the synthesizer's own)."""
+    sources = {"schema_source": schema_source, "count_source": count_source, "ledger_source": ledger_source}
+    out = []
     for field in RELEASE_FIELDS:
-        out += _as_released(RELEASE_JSON, field, OPAQUE)
+        out += _as_released(RELEASE_JSON, field, **sources, opaque=OPAQUE)
     for field in EVALUATION_FIELDS:
-        out += _as_released(EVALUATION_JSON, field)
-    out.append(synth_release.ReleasedField(RELEASE_HTML, "", synth_release.DP, _LEDGER_SOURCES,
-                                     "the release's JSON and the synthetic table's plots, as a page"))
-    out.append(synth_release.ReleasedField(EVALUATION_HTML, "", synth_release.HOLDER, (),
-                                     "the evaluation's JSON and real-vs-synthetic plots, as a page"))
+        out += _as_released(EVALUATION_JSON, field, **sources)
+    out.append(ReleasedField(RELEASE_HTML, "", DP, ledger_source,
+                             "the release's JSON and the synthetic table's plots, as a page"))
+    out.append(ReleasedField(EVALUATION_HTML, "", HOLDER, (),
+                             "the evaluation's JSON and real-vs-synthetic plots, as a page"))
     return tuple(out)
 
 

@@ -1,8 +1,9 @@
 """The shareable release report: what a fitted synthesizer's privacy guarantee is and what it means.
 
-Built only from what may be published with the synthetic data: the privacy ledger, `Synthesizer.summary`
+Built only from what may be published with the synthetic data: the run's privacy statement
+(`Synthesizer.statement`: the ledger, its epsilon under both accountants, the TAN figures), `Synthesizer.summary`
 (DP row count, DP-SGD setting, schema source and cost), `Synthesizer.config`, the schema, bounds computed
-from the ledger (`tramontane.audit.card.privacy_card`) and the synthetic table itself (post-processing).
+from the statement (`tramontane.audit.card.privacy_card`) and the synthetic table itself (post-processing).
 It never reads real rows nor `Synthesizer.diagnostics`. Every key path is registered in `RELEASE_FIELDS`
 with its status, source and one-line meaning; the page opens with a summary for a data protection
 officer, then the details, each number with its meaning and source.
@@ -15,7 +16,6 @@ from typing import Any
 
 import pandas as pd
 
-from tramontane import accounting
 from tramontane.errors import ConfigError
 from tramontane.report import plots
 from tramontane.report.page import (
@@ -169,8 +169,9 @@ def _reconstruction_key(name: str, values: int) -> str:
 def release_report(synth: Any, synthetic: pd.DataFrame) -> dict[str, Any]:
     """The shareable report of a fitted (or loaded) `Synthesizer` and the synthetic table it sampled.
 
-    Reads `synth.ledger`, `.epsilon`, `.config`, `.schema`, `.summary` and the model's size, and the
-    synthetic table: nothing computed from real rows. Key paths: `RELEASE_FIELDS`.
+    Reads `synth.statement` (the privacy statement, computed once per fit or load), `.summary`, `.config`,
+    `.schema` and the model's size, and the synthetic table: nothing computed from real rows. Key paths:
+    `RELEASE_FIELDS`.
     """
     from tramontane.audit.card import privacy_card
 
@@ -178,8 +179,8 @@ def release_report(synth: Any, synthetic: pd.DataFrame) -> dict[str, Any]:
     if s is None or synth.model is None:
         raise ConfigError("the synthesizer is not fitted: fit it (or load a fitted one) before reporting")
     schema = synth.schema
-    card = privacy_card(synth.ledger, s.delta, schema)
-    eta = accounting.eta(s.sample_rate, s.noise_multiplier, s.steps)
+    st = synth.statement
+    card = privacy_card(st, schema=schema)
     bounds = {key: card[key] for key in ("mi_advantage_bound", "mi_advantage_naive_epsilon_delta",
                                          "mi_advantage_naive_yeom", "confidence_prior", "confidence_fpr",
                                          "confidence_bound", "confidence_naive")}
@@ -189,18 +190,13 @@ def release_report(synth: Any, synthetic: pd.DataFrame) -> dict[str, Any]:
     report: dict[str, Any] = {
         "format": FORMAT, "version": VERSION,
         "summary": {"privacy_unit": PRIVACY_UNIT, "neighbouring_relation": NEIGHBOURING_RELATION,
-                    "epsilon": s.epsilon_rdp if s.accountant == "rdp" else s.epsilon_pld, "delta": s.delta,
-                    "statements": []},
-        "privacy": {"target_epsilon": synth.epsilon, "delta": s.delta, "accountant": s.accountant,
-                    "epsilon_rdp": s.epsilon_rdp, "epsilon_pld": s.epsilon_pld,
-                    "ledger": synth.ledger.to_dict()},
+                    "epsilon": st.epsilon, "delta": st.delta, "statements": []},
+        "privacy": st.to_dict(),
         "bounds": bounds,
         "row_count": {"rows_dp": s.rows_dp, "noise_std": s.row_count_noise, "ledger_label": ROW_COUNT_LABEL},
         "dp_sgd": {"steps": s.steps, "sample_rate": s.sample_rate, "noise_multiplier": s.noise_multiplier,
-                   "max_grad_norm": s.max_grad_norm, "expected_batch_size": s.batch_size, "eta": eta,
-                   "total_amount_of_noise": accounting.total_amount_of_noise(s.sample_rate,
-                                                                             s.noise_multiplier, s.steps),
-                   "epsilon_tan": accounting.eps_tan(eta, s.delta)},
+                   "max_grad_norm": s.max_grad_norm, "expected_batch_size": s.batch_size, "eta": st.eta,
+                   "total_amount_of_noise": st.total_amount_of_noise, "epsilon_tan": st.epsilon_tan},
         "schema": {"source": s.schema_source, "epsilon": s.schema_epsilon, "delta": s.schema_delta,
                    "provenance": schema.provenance, "notes": list(s.schema_notes),
                    "columns": [_column(c) for c in schema.columns]},
@@ -277,6 +273,9 @@ def _event_meaning(event: dict[str, Any]) -> str:
         return (f"training: {event['steps']} DP-SGD steps, each row in a step's batch with probability "
                 f"{fmt(event['sample_rate'])}, clipped gradients plus Gaussian noise {sigma} times the "
                 "clipping norm")
+    if kind == "exponential_mechanism":
+        return (f"{event['count']} choice(s) by the exponential mechanism, epsilon {fmt(event['epsilon'])} "
+                "each (e.g. which marginal to measure next)")
     if kind == "epsilon_delta":
         return f"a step that is ({fmt(event['epsilon'])}, {fmt(event['delta'])})-DP by its own analysis"
     return kind

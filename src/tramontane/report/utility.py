@@ -9,7 +9,7 @@ import pandas as pd
 
 from tramontane.errors import DataError
 from tramontane.report.metrics import MarginalBins, exact_match_rate, marginal_tvd, ml_efficacy, nll_summary
-from tramontane.synth.schema import Schema, parse_numbers
+from tramontane.tables.schema import Schema, parse_numbers
 
 
 def numbers_as_floats(df: pd.DataFrame, schema: Schema, table: str = "the table") -> pd.DataFrame:

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from tramontane.errors import DataError, SchemaError
-from tramontane.synth.schema import Schema
+from tramontane.tables.schema import Schema
 
 IGNORE_INDEX = -100  # label of tokens that are never predicted (torch cross_entropy's ignore_index)
 BOS_ID = 0

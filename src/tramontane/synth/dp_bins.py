@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tramontane.synth.schema import DEFAULT_N_BINS, float_edges, integer_edges
+from tramontane.tables.schema import DEFAULT_N_BINS, float_edges, integer_edges
 
 RANGE_SEARCH_BINS = 1000  # cells of a user-given coarse public range
 BLOCK_Z = 3.0  # a block of sub-threshold cells weighs in once its noisy sum exceeds this many sigmas

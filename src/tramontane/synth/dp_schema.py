@@ -41,7 +41,8 @@ histogram, also Vadhan 2017, "The complexity of differential privacy", Prop. 3.5
 release whether n_v + Z_v > tau, and keep the values that pass (sorted, so their order reveals nothing).
 - Laplace (default): Z ~ Lap(b = 1/epsilon_c), tau = 1 + ln(1/(2 delta_c)) / epsilon_c.
 - Gaussian, (epsilon, delta) budget: Z ~ N(0, sigma^2) with sigma from the analytic Gaussian mechanism (Balle
-  and Wang 2018, Thm. 8) at (epsilon_c, delta_c/2), tau = 1 + sigma * Phi^-1(1 - delta_c/2).
+  and Wang 2018, Thm. 8; `tramontane.accounting.analytic_gaussian_sigma`) at (epsilon_c, delta_c/2),
+  tau = 1 + sigma * Phi^-1(1 - delta_c/2).
 Why it is (epsilon_c, delta_c)-DP: let D' = D + {x} and v = x's value. If v occurs in D, only n_v changes,
 by one; releasing a post-processing of n_v + Z is epsilon_c-DP (Laplace), (epsilon_c, delta_c/2)-DP
 (Gaussian). If v does not occur in D, v is no candidate there; on D' it is kept with probability
@@ -124,7 +125,6 @@ or an exact count. A fixed `seed` makes the noise reproducible and is for tests.
 from __future__ import annotations
 
 import math
-import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -134,7 +134,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tramontane.accounting.gaussian import analytic_gaussian_sigma, gaussian_delta  # noqa: F401 - re-exported
 from tramontane.errors import DataError, PrivacyParameterError, SchemaError, TramontaneWarning
+from tramontane.seeding import numpy_rng
 from tramontane.synth.dp_bins import (
     DEFAULT_SEARCH_EDGES,
     cell_counts,
@@ -143,7 +145,7 @@ from tramontane.synth.dp_bins import (
     range_edges,
     search_edges,
 )
-from tramontane.synth.schema import (
+from tramontane.tables.schema import (
     DEFAULT_N_BINS,
     KINDS,
     MAX_CATEGORIES,
@@ -179,33 +181,6 @@ SCHEMA_SHARE_PER_COLUMN = 0.01  # of the whole ledger's rho (and delta), per col
 def laplace_threshold(epsilon: float, delta: float) -> float:
     """tau with P[1 + Lap(1/epsilon) > tau] <= delta: 1 + ln(1/(2 delta)) / epsilon (at least 1)."""
     return 1.0 + max(0.0, math.log(1.0 / (2.0 * delta))) / epsilon
-
-
-def _phi(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
-def gaussian_delta(sigma: float, epsilon: float) -> float:
-    """The smallest delta for which N(0, sigma^2) on a sensitivity-1 query is (epsilon, delta)-DP
-    (Balle and Wang 2018, Theorem 8)."""
-    a, b = 1.0 / (2.0 * sigma), epsilon * sigma
-    tail = 0.5 * math.erfc((a + b) / math.sqrt(2.0))  # Phi(-a - b), computed without cancellation
-    second = 0.0 if tail == 0.0 else math.exp(min(epsilon + math.log(tail), 700.0))
-    return max(0.0, _phi(a - b) - second)
-
-
-def analytic_gaussian_sigma(epsilon: float, delta: float) -> float:
-    """Smallest sigma making the Gaussian mechanism on a sensitivity-1 query (epsilon, delta)-DP."""
-    lo, hi = 0.0, 1.0
-    while gaussian_delta(hi, epsilon) > delta:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid == 0.0 or gaussian_delta(mid, epsilon) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 def gaussian_threshold(sigma: float, delta: float) -> float:
@@ -697,9 +672,7 @@ def infer_schema(
             f"infer_schema(seed={seed}) draws reproducible noise: anyone who knows the seed can remove it. "
             "Use a seed only in tests.", TramontaneWarning, stacklevel=2,
         )
-        rng = np.random.default_rng(seed)
-    else:
-        rng = np.random.default_rng(secrets.randbits(128))
+    rng = numpy_rng(seed)
     if rho is not None:
         plan = _GaussianPlan(inferred, declared, ranges, rho, delta or 0.0, kind_share)
         return _infer_gaussian(df, names, plan, known_specs, n_bins, max_categories, beta, rng)
@@ -801,6 +774,16 @@ def infer_schema(
                     for n in inferred)
     return SchemaInference(schema, tuple(spend), private=True, notes=(*notes, *(c.text() for c in columns)),
                            columns=columns)
+
+
+def evaluation_schema(real: pd.DataFrame) -> Schema:
+    """A schema read off the real rows WITHOUT differential privacy (`infer_schema(allow_non_private=True)`:
+    kinds, category sets and min/max as they are), marked `private=False`, for an evaluation that only the
+    data holder sees. Never release it, nor anything binned with it. The warning `infer_schema` gives for
+    a non-private schema is silenced here because nothing built on this one is published."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return infer_schema(real, allow_non_private=True).schema
 
 
 def _column_note(spec: ColumnSpec, kind_source: str, binning: str | None = None, **budget: float) -> ColumnNote:

@@ -3,17 +3,17 @@
 A DP language model learns the joint of a table's columns, but its low-order marginals carry the error of a
 short, noisy optimisation. Marginal-based synthesizers (MST, AIM: McKenna, Miklau, Sheldon 2021; McKenna et
 al. 2022) are the reverse: accurate low-order marginals, no higher-order structure beyond their model. This
-module combines the two:
+module combines the two, AIM's way with the language model as the base distribution:
 
-1. **Select** (free): from rows sampled from the trained model (a DP release, so anything computed from them
-   is post-processing) group each column's values into at most `max_groups` groups of similar mass (an
-   ordered column into contiguous runs of bins, a categorical one into its most frequent values plus one
-   group for the rest), and pick the column pairs of a maximum spanning tree of the sampled rows' mutual
-   information (MST's structure, chosen here without spending anything).
-2. **Measure**: every column's 1-way marginal and every tree pair's 2-way marginal over those groups, on the
-   private rows, each with Gaussian noise of the same standard deviation. One row adds one to exactly one
-   cell of each marginal, so the Q marginals are Q sensitivity-1 Gaussian releases: one
-   `GaussianEvent(sigma, Q)` on the ledger.
+1. **Group** (free): from rows sampled from the trained model (a DP release, so anything computed from them
+   is post-processing) group each column's values into groups of similar mass for 1-, 2- and 3-way
+   marginals (an ordered column into contiguous runs of bins, a categorical one into its most frequent
+   values plus one group for the rest), coarser for higher orders so that no cell drowns in the noise.
+2. **Measure and select** (`select_adaptive`): every column's 1-way marginal, then a number of rounds that
+   each draw one 2- or 3-way marginal by the exponential mechanism, where the calibrated model is furthest
+   from the private rows, and measure it. Every measurement is a sensitivity-1 count vector (one row adds
+   one to one cell) with Gaussian noise of the same standard deviation: one `GaussianEvent(sigma, Q)` and
+   one `ExponentialMechanismEvent(epsilon, rounds)` on the ledger.
 3. **Tilt** (post-processing, at every `sample`): weights exp(sum_q lambda_q[cell_q(row)]) over a pool of
    rows freshly sampled from the model, lambda the maximum a posteriori fit of the noisy marginals (the
    exponential-family change of the model's distribution that best explains the measurements; `fit_tilt`),
@@ -27,6 +27,7 @@ The noise standard deviation is planned before training from a share of the budg
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tramontane.accounting import GaussianEvent
+from tramontane.accounting import ExponentialMechanismEvent, GaussianEvent, PrivacyEvent
 from tramontane.dp.noise import SecureRandom
 from tramontane.synth.schema import Schema
 
 MARGINALS_LABEL = "marginals"
+SELECTION_LABEL = "marginal selection"
 
 
 def zcdp_rho(epsilon: float, delta: float) -> float:
@@ -48,13 +50,6 @@ def zcdp_rho(epsilon: float, delta: float) -> float:
     return (math.sqrt(log_inv + epsilon) - math.sqrt(log_inv)) ** 2
 
 
-def noise_for_share(epsilon: float, delta: float, share: float, n_queries: int) -> float:
-    """Per-query Gaussian noise std for `n_queries` sensitivity-1 queries spending `share` of the budget's
-    rho: Q releases at noise sigma cost Q / (2 sigma^2)."""
-    rho = share * zcdp_rho(epsilon, delta)
-    return math.sqrt(n_queries / (2.0 * rho))
-
-
 def epsilon_after_share(epsilon: float, delta: float, share: float) -> float:
     """The epsilon of what is left of (epsilon, delta)'s rho once `share` of it is spent (an estimate for
     planning; the accountant calibrates exactly)."""
@@ -62,19 +57,41 @@ def epsilon_after_share(epsilon: float, delta: float, share: float) -> float:
     return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
 
-def n_pairs(n_columns: int, pairs_per_column: float = 1.0) -> int:
-    """How many column pairs are measured: the d - 1 of a spanning tree, and more up to about
-    `pairs_per_column` x d (at most all d (d - 1) / 2)."""
-    d = n_columns
-    return min(d * (d - 1) // 2, max(d - 1, round(pairs_per_column * d)))
+@dataclass(frozen=True)
+class MarginalBudget:
+    """How a share of the budget is spent on marginals: every column's 1-way marginal, then `rounds` rounds
+    that each choose one more marginal with the exponential mechanism at `selection_epsilon` and measure it;
+    every measurement is a sensitivity-1 count vector with Gaussian noise `sigma` per cell."""
+
+    sigma: float
+    selection_epsilon: float
+    n_columns: int
+    rounds: int
+
+    @property
+    def measurements(self) -> int:
+        return self.n_columns + self.rounds
+
+    def events(self) -> list[PrivacyEvent]:
+        out: list[PrivacyEvent] = [GaussianEvent(self.sigma, self.measurements, label=MARGINALS_LABEL)]
+        if self.rounds:
+            out.append(ExponentialMechanismEvent(self.selection_epsilon, self.rounds, label=SELECTION_LABEL))
+        return out
 
 
-def n_queries(n_columns: int, pairs_per_column: float = 1.0) -> int:
-    """How many marginals are measured: every column, and `n_pairs` pairs."""
-    return n_columns + n_pairs(n_columns, pairs_per_column)
+def plan_budget(epsilon: float, delta: float, share: float, n_columns: int, rounds: int,
+                selection_share: float = 0.1) -> MarginalBudget:
+    """Split `share` of (epsilon, delta)'s zCDP rho: each measurement costs c = 1 / (2 sigma^2), each round's
+    selection `selection_share` of its round (epsilon_sel^2 / 8, the exponential mechanism's zCDP cost), so
+    d c + rounds c / (1 - selection_share) = share x rho (AIM's split of a round, McKenna et al. 2022)."""
+    rho = share * zcdp_rho(epsilon, delta)
+    per_measurement = rho / (n_columns + rounds / (1.0 - selection_share))
+    selection_rho = per_measurement * selection_share / (1.0 - selection_share)
+    return MarginalBudget(math.sqrt(1.0 / (2.0 * per_measurement)), math.sqrt(8.0 * selection_rho) if rounds else 0.0,
+                          n_columns, rounds)
 
 
-# -- selection (post-processing of model samples) --------------------------------------------------------
+# -- grouping (post-processing of model samples) ---------------------------------------------------------
 
 def column_groups(ids: np.ndarray, n_values: int, ordered: bool, max_groups: int,
                   missing_id: int | None = None, min_mass: float = 0.0) -> np.ndarray:
@@ -121,45 +138,15 @@ def _renumber(groups: np.ndarray) -> np.ndarray:
     return inverse.astype(np.int64)
 
 
-def mutual_information(a: np.ndarray, b: np.ndarray, na: int, nb: int) -> float:
-    """Empirical mutual information (nats) of two code columns."""
-    joint = np.bincount(a * nb + b, minlength=na * nb).reshape(na, nb).astype(np.float64)
-    joint /= joint.sum()
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
-
-
-def spanning_tree(weights: np.ndarray) -> list[tuple[int, int]]:
-    """Edges (i < j) of a maximum spanning tree of a symmetric weight matrix (Prim)."""
-    d = weights.shape[0]
-    if d < 2:
-        return []
-    inside = np.zeros(d, dtype=bool)
-    inside[0] = True
-    best = weights[0].copy()
-    parent = np.zeros(d, dtype=np.int64)
-    edges = []
-    for _ in range(d - 1):
-        candidates = np.where(inside, -np.inf, best)
-        j = int(np.argmax(candidates))
-        i = int(parent[j])
-        edges.append((min(i, j), max(i, j)))
-        inside[j] = True
-        better = (weights[j] > best) & ~inside
-        best[better] = weights[j][better]
-        parent[better] = j
-    return sorted(edges)
-
-
 @dataclass
 class MarginalSet:
     """The measured marginals: which, over which groups, and their noisy counts (DP).
 
-    queries: column-index tuples (schema order); groups: per column, the group of each value id (one grouping
-    for 1-way marginals, a coarser one for pairs); counts: noisy cell counts per query (row-major over the
-    query's columns' groups); sigma: the noise std of every cell; total: the DP row count the counts are
-    compared with.
+    queries: column-index tuples (schema order); groups_1/2/3: per column, the group of each value id in
+    1-way marginals, in pairs (coarser) and in triples (coarser still); counts: noisy cell counts per query
+    (row-major over the query's columns' groups); sigma: the noise std of every cell; total: the DP row
+    count the counts are compared with; rounds and selection_epsilon: how many queries were chosen by the
+    exponential mechanism on the private rows (`select_adaptive`), at which epsilon each (0: none).
     """
 
     queries: list[tuple[int, ...]]
@@ -168,9 +155,12 @@ class MarginalSet:
     sigma: float
     total: float
     counts: list[np.ndarray] = field(default_factory=list)
+    groups_3: list[np.ndarray] = field(default_factory=list)
+    rounds: int = 0
+    selection_epsilon: float = 0.0
 
     def grouping(self, query: tuple[int, ...]) -> list[np.ndarray]:
-        g = self.groups_1 if len(query) == 1 else self.groups_2
+        g = (self.groups_1, self.groups_2, self.groups_3)[len(query) - 1]
         return [g[c] for c in query]
 
     def sizes(self, query: tuple[int, ...]) -> list[int]:
@@ -186,70 +176,106 @@ class MarginalSet:
     def n_cells(self, query: tuple[int, ...]) -> int:
         return int(np.prod(self.sizes(query)))
 
-    def event(self) -> GaussianEvent:
-        return GaussianEvent(self.sigma, len(self.queries), label=MARGINALS_LABEL)
+    def events(self) -> list[PrivacyEvent]:
+        """What measuring (and choosing) these marginals spent, for the ledger."""
+        out: list[PrivacyEvent] = [GaussianEvent(self.sigma, len(self.queries), label=MARGINALS_LABEL)]
+        if self.rounds:
+            out.append(ExponentialMechanismEvent(self.selection_epsilon, self.rounds, label=SELECTION_LABEL))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"queries": [list(q) for q in self.queries], "groups_1": [g.tolist() for g in self.groups_1],
-                "groups_2": [g.tolist() for g in self.groups_2], "sigma": self.sigma,
-                "total": self.total, "counts": [c.tolist() for c in self.counts]}
+        lists = lambda gs: [g.tolist() for g in gs]
+        return {"queries": [list(q) for q in self.queries], "groups_1": lists(self.groups_1),
+                "groups_2": lists(self.groups_2), "groups_3": lists(self.groups_3), "sigma": self.sigma,
+                "total": self.total, "counts": [c.tolist() for c in self.counts], "rounds": self.rounds,
+                "selection_epsilon": self.selection_epsilon}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MarginalSet:
         arr = lambda xs, dtype: [np.asarray(x, dtype=dtype) for x in xs]
         return cls([tuple(q) for q in data["queries"]], arr(data["groups_1"], np.int64),
                    arr(data["groups_2"], np.int64), float(data["sigma"]), float(data["total"]),
-                   arr(data["counts"], np.float64))
+                   arr(data["counts"], np.float64), arr(data.get("groups_3", []), np.int64),
+                   int(data.get("rounds", 0)), float(data.get("selection_epsilon", 0.0)))
 
 
-def select(schema: Schema, sample_ids: np.ndarray, sigma: float, rows: float, max_groups_1: int = 32,
-           max_groups_2: int = 8, pairs_per_column: float = 1.0, cell_noise_ratio: float = 3.0) -> MarginalSet:
-    """Which marginals to measure, from value ids of rows sampled from the model (post-processing only).
+# -- measurement and selection (spend) --------------------------------------------------------------------
 
-    A group must hold at least `cell_noise_ratio` x sigma of the `rows` (the DP row count) in a 1-way
-    marginal, and a pair's groups at least its square root of the rows each, so that the cells of a pair
-    hold about as much when the columns are independent: a cell the noise would swamp is merged instead."""
-    d = len(schema)
+def measure(marginals: MarginalSet, query: tuple[int, ...], private_ids: np.ndarray,
+            noise: SecureRandom) -> np.ndarray:
+    """Noisy counts of one query's cells on the private rows: the Gaussian mechanism at `marginals.sigma`
+    (one of the releases `marginals.events()` records, which the caller puts on the ledger before anything
+    derived from them is released)."""
+    exact = np.bincount(marginals.cells(private_ids, query), minlength=marginals.n_cells(query))
+    draw = noise.normal(torch.Size([len(exact)]), marginals.sigma, torch.device("cpu"), torch.float64)
+    return exact.astype(np.float64) + draw.numpy()
+
+
+def exponential_mechanism(quality: np.ndarray, epsilon: float, random: SecureRandom,
+                          sensitivity: float = 1.0) -> int:
+    """Index i drawn with probability proportional to exp(epsilon quality_i / (2 sensitivity)) (McSherry and
+    Talwar 2007): epsilon-DP when one row moves every quality by at most `sensitivity`. Drawn as the argmax
+    of the scaled qualities plus independent Gumbel noise (the Gumbel-max trick), from a new step of
+    `random` (securely seeded unless it was given a seed)."""
+    random.next_step()
+    u = torch.rand(len(quality), generator=random.generator(), dtype=torch.float64).numpy()
+    gumbel = -np.log(-np.log(np.clip(u, np.finfo(np.float64).tiny, 1.0 - 1e-16)))
+    return int(np.argmax(epsilon / (2.0 * sensitivity) * np.asarray(quality, dtype=np.float64) + gumbel))
+
+
+def _groupings(schema: Schema, sample_ids: np.ndarray, sigma: float, rows: float, max_groups: tuple[int, ...],
+               cell_noise_ratio: float) -> list[list[np.ndarray]]:
+    """Per order k = 1, 2, 3, every column's grouping for k-way marginals, from sampled rows (free): a group
+    holds at least `cell_noise_ratio` x sigma of the rows, to the k-th root, so a k-way cell of independent
+    columns holds about that much; at most max_groups[k - 1] groups."""
     min_mass = min(1.0, cell_noise_ratio * sigma / max(rows, 1.0))
-    groups_1, groups_2 = [], []
-    for j, spec in enumerate(schema.columns):
-        col = sample_ids[:, j]
-        groups_1.append(column_groups(col, spec.n_values, spec.is_numeric, max_groups_1, spec.missing_id,
-                                      min_mass))
-        groups_2.append(column_groups(col, spec.n_values, spec.is_numeric, max_groups_2, spec.missing_id,
-                                      math.sqrt(min_mass)))
-    codes = [g[sample_ids[:, j]] for j, g in enumerate(groups_2)]
-    sizes = [int(g.max()) + 1 for g in groups_2]
-    mi = np.zeros((d, d))
-    for i in range(d):
-        for j in range(i + 1, d):
-            mi[i, j] = mi[j, i] = mutual_information(codes[i], codes[j], sizes[i], sizes[j])
-    tree = spanning_tree(mi)
-    rest = sorted(((mi[i, j], (i, j)) for i in range(d) for j in range(i + 1, d) if (i, j) not in tree),
-                  reverse=True)
-    pairs = tree + [pair for _, pair in rest][: n_pairs(d, pairs_per_column) - len(tree)]
-    queries = [(j,) for j in range(d)] + pairs
-    return MarginalSet(queries, groups_1, groups_2, sigma, float(rows))
+    return [[column_groups(sample_ids[:, j], spec.n_values, spec.is_numeric, cap, spec.missing_id,
+                           min_mass ** (1.0 / k)) for j, spec in enumerate(schema.columns)]
+            for k, cap in enumerate(max_groups, start=1)]
 
 
-# -- measurement (spends) ---------------------------------------------------------------------------------
+def select_adaptive(schema: Schema, budget: MarginalBudget, pool_ids: np.ndarray, private_ids: np.ndarray,
+                    rows: float, noise_seed: int | None = None, max_groups: tuple[int, int, int] = (64, 16, 6),
+                    cell_noise_ratio: float = 3.0, iterations: int = 30) -> MarginalSet:
+    """Measure every column's 1-way marginal, then choose and measure `budget.rounds` more, AIM's way
+    (McKenna et al. 2022) with the language model as the base distribution: each round the candidate 2- and
+    3-way marginal whose error under the current calibrated model is largest, net of the noise
+    its measurement would add, is drawn by the exponential mechanism, measured, and the tilt refitted.
 
-def measure(marginals: MarginalSet, private_ids: np.ndarray, noise_seed: int | None = None) -> None:
-    """Noisy counts of every query on the private rows (the Gaussian mechanism; `marginals.event()` is what
-    it spends, and the caller puts it on the ledger before anything derived from it is released)."""
-    rng = SecureRandom(noise_seed, "marginal noise")
-    counts = []
-    for q in marginals.queries:
-        exact = np.bincount(marginals.cells(private_ids, q), minlength=marginals.n_cells(q)).astype(np.float64)
-        noise = rng.normal(torch.Size([len(exact)]), marginals.sigma, torch.device("cpu"), torch.float64)
-        counts.append(exact + noise.numpy())
-    marginals.counts = counts
+    The calibrated model is the pool of model samples `pool_ids` weighted by the tilt of what is measured so
+    far (`fit_tilt`), so the candidates' model marginals are post-processing. A candidate r's quality is
+    ||x_r - m_r||_1 - sqrt(2 / pi) sigma n_r: x_r the private counts, m_r the model's, n_r its cells; one
+    row changes it by at most 1 (sensitivity 1). Groupings are chosen from the pool (free).
+    """
+    groups_1, groups_2, groups_3 = _groupings(schema, pool_ids, budget.sigma, rows, max_groups, cell_noise_ratio)
+    d = len(schema)
+    ms = MarginalSet([(j,) for j in range(d)], groups_1, groups_2, budget.sigma, float(rows),
+                     groups_3=groups_3, rounds=budget.rounds, selection_epsilon=budget.selection_epsilon)
+    noise = SecureRandom(noise_seed, "marginal noise")
+    choice = SecureRandom(noise_seed, "marginal selection")
+    ms.counts = [measure(ms, q, private_ids, noise) for q in ms.queries]
+    candidates = [c for k in (2, 3) for c in itertools.combinations(range(d), k)]
+    private = [np.bincount(ms.cells(private_ids, c), minlength=ms.n_cells(c)).astype(np.float64)
+               for c in candidates]
+    penalty = np.array([math.sqrt(2.0 / math.pi) * budget.sigma * ms.n_cells(c) for c in candidates])
+    tilt = fit_tilt(ms, pool_ids, iterations=iterations)
+    for _ in range(budget.rounds):
+        logw = log_weights(ms, pool_ids, tilt)
+        w = np.exp(logw - logw.max())
+        w *= rows / w.sum()
+        error = np.array([np.abs(x - np.bincount(ms.cells(pool_ids, c), weights=w, minlength=len(x))).sum()
+                          for c, x in zip(candidates, private)])
+        picked = candidates[exponential_mechanism(error - penalty, budget.selection_epsilon, choice)]
+        ms.queries.append(picked)
+        ms.counts.append(measure(ms, picked, private_ids, noise))
+        tilt = fit_tilt(ms, pool_ids, iterations=iterations, init=[*tilt, np.zeros(ms.n_cells(picked))])
+    return ms
 
 
 # -- tilt (post-processing) -------------------------------------------------------------------------------
 
 def fit_tilt(marginals: MarginalSet, pool_ids: np.ndarray, iterations: int = 100,
-             prior_std: float = 1.0) -> list[np.ndarray]:
+             prior_std: float = 1.0, init: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Fit lambda, the tilt of the pool's weights exp(sum_q lambda_q[cell]): the maximum a posteriori
     estimate under the measurements' Gaussian likelihood, sum (total p - y)^2 / (2 sigma^2) with p the
     weighted pool's cell shares, y the noisy counts and total the DP row count, and a N(0, prior_std^2)
@@ -261,7 +287,8 @@ def fit_tilt(marginals: MarginalSet, pool_ids: np.ndarray, iterations: int = 100
     flat = torch.as_tensor(cells.reshape(-1))  # M*Q: every row's cell in every query, one flat index
     target = torch.as_tensor(np.concatenate(marginals.counts))
     precision = 1.0 / marginals.sigma ** 2
-    lam = torch.zeros(int(sum(sizes)), dtype=torch.float64, requires_grad=True)
+    start = np.concatenate(init) if init else np.zeros(int(sum(sizes)))
+    lam = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([lam], lr=1.0, max_iter=iterations, history_size=20,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)
     n_queries = len(sizes)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tramontane.errors import SchemaError
-from tramontane.synth.schema import (
+from tramontane.tables.schema import (
     KINDS,
     NUMERIC_KINDS,
     OTHER,

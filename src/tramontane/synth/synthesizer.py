@@ -16,9 +16,11 @@ of rows N is private too. What `fit` reads from the rows, in order, each on the 
   accountant so that the whole ledger (schema, count, steps) is (epsilon, delta)-DP; the batch size follows
   the TAN rule (Sander et al., arXiv 2210.03403): large batches with sigma in the 2..4 sweet spot.
 - measured marginals (`marginals.py`, `marginal_share` of the budget's zCDP rho, planned before training so
-  DP-SGD's noise is calibrated for them too): every column's 1-way marginal and about `pairs_per_column` x d
-  pairs (a maximum spanning tree of mutual information, and more), grouped and chosen from the trained
-  model's own samples, counted on the rows with Gaussian noise (one Gaussian event).
+  DP-SGD's noise is calibrated for them too): every column's 1-way marginal, then `marginal_rounds` 2- and
+  3-way marginals chosen one at a time by the exponential mechanism where the calibrated model is furthest
+  from the rows (AIM's rounds, McKenna et al. 2022, with the language model as the base distribution),
+  grouped from the trained model's own samples, counted on the rows with Gaussian noise (one Gaussian and
+  one exponential-mechanism event).
 Sampling and saving are post-processing: `sample` draws rows from the model and resamples them with the
 tilt that best fits the noisy marginals; numbers are drawn uniformly inside their bins. Rows are never
 logged. What each written field is (DP, public, or for the data holder only) is listed in
@@ -34,8 +36,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,19 +47,20 @@ import torch
 from torch import nn
 
 from tramontane import accounting
-from tramontane.accounting import GaussianEvent, PrivacyLedger
-from tramontane.dp.noise import SecureRandom, derive_seed
+from tramontane.accounting import DpSgdEvent, GaussianEvent, PrivacyEvent, PrivacyLedger, PrivacyStatement
+from tramontane.dp.noise import SecureRandom
 from tramontane.errors import ConfigError, DataError, PrivacyError, PrivacyParameterError, SchemaError
+from tramontane.files import SHAREABLE_MODE, write_dir_atomic, write_json_atomic
 from tramontane.models import ModelArgs, Transformer
 from tramontane.models.checkpoint import load_model, save_model
+from tramontane.seeding import derived_seed, numpy_rng
 from tramontane.synth import marginals
 from tramontane.synth.codec import EncodedRows, TabularCodec
 from tramontane.synth.dp_schema import SchemaInference, infer_schema
 from tramontane.synth.marginals import MarginalSet
 from tramontane.synth.sampling import sample_tokens
-from tramontane.synth.schema import Schema
+from tramontane.tables.schema import Schema
 from tramontane.training import TrainConfig, Trainer
-from tramontane.training.state import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +95,17 @@ class SynthConfig:
     row_count_noise: float = 20.0  # std of the Gaussian noise on the released row count (sensitivity 1)
     temperature: float = 1.0
     # Measured marginals that calibrate the model's samples (`marginals.py`): this share of the budget's
-    # zCDP rho, over at most `marginal_groups` value groups per column (`pair_groups` in the tree's pairs),
-    # the tilt fitted on `pool_factor` x the DP row count of model samples. 0 turns calibration off.
+    # zCDP rho buys every column's 1-way marginal and `marginal_rounds` more 2- or 3-way ones, each chosen by
+    # the exponential mechanism (`selection_share` of its round) where the calibrated model is furthest off;
+    # at most `marginal_groups` value groups per column in 1-way marginals, `pair_groups` in pairs,
+    # `triple_groups` in triples; the tilt fitted on `pool_factor` x n model samples. 0 turns it off.
     marginal_share: float = 0.3
-    marginal_groups: int = 32
-    pair_groups: int = 8
-    pairs_per_column: float = 2.0
-    pool_factor: float = 2.0
+    marginal_rounds: int = 30
+    selection_share: float = 0.1
+    marginal_groups: int = 64
+    pair_groups: int = 16
+    triple_groups: int = 6
+    pool_factor: float = 4.0
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps", "micro_batch_size",
@@ -120,14 +125,18 @@ class SynthConfig:
             raise ConfigError(f"schema_budget_share must be in (0, 1), got {self.schema_budget_share}")
         if not 0 <= self.marginal_share < 1:
             raise ConfigError(f"marginal_share must be in [0, 1), got {self.marginal_share!r}")
-        for name in ("marginal_groups", "pair_groups"):
+        for name in ("marginal_groups", "pair_groups", "triple_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ConfigError(f"{name} must be a whole number >= 2, got {value!r}")
-        for name in ("pool_factor", "pairs_per_column"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 1.0 <= value <= 100):
-                raise ConfigError(f"{name} must be a number in [1, 100], got {value!r}")
+        if isinstance(self.marginal_rounds, bool) or not isinstance(self.marginal_rounds, int) \
+                or self.marginal_rounds < 0:
+            raise ConfigError(f"marginal_rounds must be a whole number >= 0, got {self.marginal_rounds!r}")
+        if not 0 < self.selection_share < 1:
+            raise ConfigError(f"selection_share must be in (0, 1), got {self.selection_share!r}")
+        if isinstance(self.pool_factor, bool) or not (isinstance(self.pool_factor, (int, float))
+                                                      and 1.0 <= self.pool_factor <= 100):
+            raise ConfigError(f"pool_factor must be a number in [1, 100], got {self.pool_factor!r}")
         if not 0 < self.max_batch_fraction <= 1:
             raise ConfigError("max_batch_fraction must be in (0, 1]")
         if self.accountant not in accounting.ACCOUNTANTS:
@@ -164,6 +173,7 @@ class FitSummary:
     schema_notes: list[str] = field(default_factory=list)
     marginal_sigma: float = 0.0  # noise std of every measured marginal cell (0: none measured)
     marginal_queries: int = 0  # how many marginals were measured (ledger event "marginals")
+    marginal_rounds: int = 0  # how many of them were chosen by the exponential mechanism
 
 
 @dataclass
@@ -197,17 +207,38 @@ def value_log_likelihood(model: Transformer, codec: TabularCodec, batch: Encoded
 
 
 class RowObjective:
-    """Constrained next-token loss of encoded rows (fresh column permutations drawn at every step)."""
+    """The synthesizer's training objective: the constrained next-token loss of table rows, one example per
+    row (the privacy unit), as `Synthesizer.fit` trains with DP-SGD and the audit replays it.
+
+    A row's loss is minus its value log-likelihood under the constrained softmax (`value_log_likelihood`:
+    only the column's allowed values compete) divided by the number of columns. With `permute_columns` a
+    fresh random column order is drawn for every row at every step (synlm, arXiv 2306.04803); with
+    `augmentations` = K > 1 each row is encoded in K orders whose losses average inside the one clipped
+    gradient of that row (augmentation multiplicity, De et al. 2022, arXiv 2204.13650), so a row still
+    contributes one gradient of norm at most C. `rng` draws the orders: the same rng and calls give the same
+    batches.
+
+    Args:
+        codec: the schema's token codec.
+        vids: the training rows as value ids [N, d] (`Schema.value_ids`); `rows(indices)` selects from them.
+        config: the fit's `SynthConfig` (reads `permute_columns` and `augmentations`).
+        rng: draws the column orders.
+    """
 
     def __init__(self, codec: TabularCodec, vids: np.ndarray, config: SynthConfig, rng: np.random.Generator):
         self.codec, self.vids, self.config, self.rng = codec, vids, config, rng
 
-    def rows(self, indices) -> tuple[EncodedRows, torch.Tensor | None]:
+    def encode(self, vids: np.ndarray) -> tuple[EncodedRows, torch.Tensor | None]:
+        """(encoded rows, example id of each sequence or None without augmentations) of value-id rows [M, d]
+        that need not be training rows (the audit's canary)."""
         order = "random" if self.config.permute_columns else None
-        enc = self.codec.encode_value_ids(self.vids[np.asarray(indices, dtype=np.int64)], order,
-                                          self.config.augmentations, self.rng)
+        enc = self.codec.encode_value_ids(vids, order, self.config.augmentations, self.rng)
         ids = enc.example_ids if self.config.augmentations > 1 else None
         return enc, ids
+
+    def rows(self, indices) -> tuple[EncodedRows, torch.Tensor | None]:
+        """The training rows at `indices`, encoded as `encode` does."""
+        return self.encode(self.vids[np.asarray(indices, dtype=np.int64)])
 
     def losses(self, model: nn.Module, batch: EncodedRows) -> torch.Tensor:
         ll = value_log_likelihood(model, self.codec, batch)
@@ -238,6 +269,8 @@ class _FitPlan:
     fingerprint: str
     marginal_sigma: float = 0.0  # planned noise of the marginals measured after training (0: none)
     marginal_queries: int = 0
+    marginal_rounds: int = 0  # of which chosen by the exponential mechanism, at this epsilon each
+    selection_epsilon: float = 0.0
 
     @classmethod
     def read(cls, run_dir: Path) -> _FitPlan | None:
@@ -304,6 +337,7 @@ class Synthesizer:
         self.marginals: MarginalSet | None = None
         self.summary: FitSummary | None = None
         self.diagnostics: FitDiagnostics | None = None
+        self._statement: PrivacyStatement | None = None  # `statement`: computed once per fit or load
 
     # -- fitting --------------------------------------------------------------------------------------
     def _model_args(self, codec: TabularCodec) -> ModelArgs:
@@ -318,13 +352,13 @@ class Synthesizer:
                 "stays on this synthesizer's ledger." if len(self.ledger) else "Nothing was spent.")
 
     def _plan_batch(self, rows_dp: int, epsilon: float, delta: float,
-                    later: tuple[GaussianEvent, ...] = ()) -> tuple[int, float, float]:
-        """TAN rule on the DP row count: the expected batch whose calibrated sigma is near the target, then
-        sigma exactly, for the whole ledger (what is already on it, this run, and the `later` releases
-        planned after it). (batch, q, sigma)."""
+                    later: tuple[PrivacyEvent, ...] = ()) -> tuple[int, float, float]:
+        """TAN rule (`accounting.tan_batch_size`) on the DP row count: the expected batch whose calibrated
+        sigma is near the target at `epsilon` (this run's share), capped at `max_batch_fraction` of the rows
+        and rounded down; then sigma exactly, for the whole ledger (what is already on it, this run, and the
+        `later` releases planned after it). (batch, q, sigma)."""
         c = self.config
-        eta = accounting.eta_for_eps_tan(epsilon, delta)
-        batch = eta * c.noise_multiplier_target * math.sqrt(2.0 / c.steps) * rows_dp
+        batch = accounting.tan_batch_size(rows_dp, epsilon, delta, c.steps, c.noise_multiplier_target)
         if batch < MIN_BATCH:
             raise PrivacyParameterError(
                 f"epsilon={self.epsilon:.3g} cannot be met usefully with about {rows_dp} rows (a DP count) in "
@@ -374,7 +408,7 @@ class Synthesizer:
 
     def _count_rows(self, n: int) -> int:
         sigma = self.config.row_count_noise
-        seed = None if self.noise_seed is None else derive_seed(self.noise_seed, "row count")
+        seed = derived_seed(self.noise_seed, "row count")
         self.ledger.append(GaussianEvent(sigma, 1, label="row count"))
         return dp_row_count(n, sigma, seed)
 
@@ -394,19 +428,24 @@ class Synthesizer:
         rows_dp = self._count_rows(len(rows))
         inference = self.schema_inference
         eps_train = self.epsilon - (inference.epsilon if inference else 0.0)
-        later: tuple[GaussianEvent, ...] = ()
-        m_sigma, m_queries = 0.0, 0
+        later: tuple[PrivacyEvent, ...] = ()
+        budget = marginals.MarginalBudget(0.0, 0.0, 0, 0)
         if self.config.marginal_share > 0:
-            m_queries = marginals.n_queries(len(schema), self.config.pairs_per_column)
-            m_sigma = marginals.noise_for_share(self.epsilon, self.delta, self.config.marginal_share, m_queries)
-            later = (GaussianEvent(m_sigma, m_queries, label=marginals.MARGINALS_LABEL),)
+            budget = self._marginal_budget(len(schema))
+            later = tuple(budget.events())
             eps_train = marginals.epsilon_after_share(eps_train, self.delta, self.config.marginal_share)
         batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta, later)
         plan = _FitPlan(self._settings(), schema.to_dict(), source,
                         inference.epsilon if inference else 0.0, inference.delta if inference else 0.0,
                         list(inference.notes) if inference else [], rows_dp, batch, q, sigma,
-                        self.ledger.to_dict(), _fingerprint(schema, rows), m_sigma, m_queries)
+                        self.ledger.to_dict(), _fingerprint(schema, rows), budget.sigma, budget.measurements,
+                        budget.rounds, budget.selection_epsilon)
         return schema, rows, plan
+
+    def _marginal_budget(self, n_columns: int) -> marginals.MarginalBudget:
+        c = self.config
+        return marginals.plan_budget(self.epsilon, self.delta, c.marginal_share, n_columns, c.marginal_rounds,
+                                     c.selection_share)
 
     def _settings(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
@@ -505,41 +544,45 @@ class Synthesizer:
         self.model, self.codec, self.schema = model, codec, schema
         if plan.marginal_queries:
             self.marginals = self._measure_marginals(plan, vids, run_dir)
-        spent = {acc: accounting.epsilon(self.ledger, self.delta, acc) for acc in ("rdp", "pld")}
+        self._statement = spent = self._compose_ledger(
+            DpSgdEvent(plan.sample_rate, plan.noise_multiplier, result.steps))  # the ledger is final
         self.summary = FitSummary(
             rows_dp=plan.rows_dp, row_count_noise=c.row_count_noise, steps=result.steps,
             batch_size=plan.batch_size, sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=c.max_grad_norm, accountant=c.accountant, epsilon_rdp=spent["rdp"],
-            epsilon_pld=spent["pld"], delta=self.delta, schema_source=plan.schema_source,
+            max_grad_norm=c.max_grad_norm, accountant=c.accountant, epsilon_rdp=spent.epsilon_rdp,
+            epsilon_pld=spent.epsilon_pld, delta=self.delta, schema_source=plan.schema_source,
             schema_epsilon=plan.schema_epsilon, schema_delta=plan.schema_delta,
             schema_notes=list(plan.schema_notes), marginal_sigma=plan.marginal_sigma,
-            marginal_queries=plan.marginal_queries)
+            marginal_queries=plan.marginal_queries, marginal_rounds=plan.marginal_rounds)
         self.diagnostics = FitDiagnostics(rows_given=len(df), rows_used=len(rows), heldout_curve=result.history,
                                           seconds=time.perf_counter() - start)
-        if spent[c.accountant] > self.epsilon * (1 + 1e-9):
+        if spent.epsilon > self.epsilon * (1 + 1e-9):
             raise AssertionError("spent more than the budget")  # guarded by the trainer; never expected
         return self
 
     def _measure_marginals(self, plan: _FitPlan, vids: np.ndarray, run_dir: Path | None) -> MarginalSet:
-        """Choose the marginals from model samples (free) and measure them on the private rows (the planned
-        Gaussian event goes on the ledger). In a run folder the result is kept, so a resumed
-        fit reuses it instead of measuring again."""
+        """Measure every column's 1-way marginal and choose and measure the rounds' 2- and 3-way ones on the
+        private rows, against a pool of model samples (`marginals.select_adaptive`); the planned events go on
+        the ledger. In a run folder the result is kept, so a resumed fit reuses it instead of measuring
+        again."""
         c = self.config
         path = run_dir / MARGINALS_FILE if run_dir is not None else None
         if path is not None and path.is_file():
             ms = MarginalSet.from_dict(json.loads(path.read_text()))
         else:
-            rng = np.random.default_rng(None if self.seed is None else derive_seed(self.seed, "marginal pool"))
+            rng = numpy_rng(self.seed, "marginal pool")
             pool = self._model_ids(max(1000, int(c.pool_factor * plan.rows_dp)), rng)
-            ms = marginals.select(self.schema, pool, plan.marginal_sigma, plan.rows_dp, c.marginal_groups,
-                                  c.pair_groups, c.pairs_per_column)
-            if len(ms.queries) != plan.marginal_queries:
-                raise AssertionError("the plan's marginal count must match what is measured")
-            noise_seed = None if self.noise_seed is None else derive_seed(self.noise_seed, "marginals")
-            marginals.measure(ms, vids, noise_seed)
+            budget = marginals.MarginalBudget(plan.marginal_sigma, plan.selection_epsilon,
+                                              len(self.schema), plan.marginal_rounds)
+            noise_seed = derived_seed(self.noise_seed, "marginals")
+            ms = marginals.select_adaptive(self.schema, budget, pool, vids, plan.rows_dp, noise_seed,
+                                           (c.marginal_groups, c.pair_groups, c.triple_groups))
+            if ms.events() != budget.events():
+                raise AssertionError("what is measured must be what the plan calibrated for")
             if path is not None:
                 write_json_atomic(path, ms.to_dict())
-        self.ledger.append(ms.event())
+        for event in ms.events():
+            self.ledger.append(event)
         return ms
 
     # -- using the model ------------------------------------------------------------------------------
@@ -584,52 +627,53 @@ class Synthesizer:
                 out.append(value_log_likelihood(model, codec, enc).numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
+    @property
+    def statement(self) -> PrivacyStatement:
+        """What the ledger amounts to (`accounting.PrivacyStatement`): epsilon under both accountants at
+        `delta`, the budget, and the TAN figures of the DP-SGD run. Computed once when `fit` ends, or on
+        first use after `load`; computed again only for a ledger that has grown since (a fit interrupted or
+        refused midway, whose spend counts)."""
+        if self._statement is None or self._statement.events != self.ledger.events:
+            s = self.summary
+            self._statement = self._compose_ledger(
+                DpSgdEvent(s.sample_rate, s.noise_multiplier, s.steps) if s is not None else None)
+        return self._statement
+
+    def _compose_ledger(self, dp_sgd: DpSgdEvent | None) -> PrivacyStatement:
+        return PrivacyStatement.of(self.ledger, self.delta, self.config.accountant, target_epsilon=self.epsilon,
+                                   dp_sgd=dp_sgd)
+
     def privacy(self) -> dict[str, Any]:
-        """The ledger and what it amounts to under both accountants."""
-        spent = {acc: accounting.epsilon(self.ledger, self.delta, acc) for acc in ("rdp", "pld")} \
-            if len(self.ledger) else {"rdp": 0.0, "pld": 0.0}
-        return {"target_epsilon": self.epsilon, "delta": self.delta, "epsilon_rdp": spent["rdp"],
-                "epsilon_pld": spent["pld"], "ledger": self.ledger.to_dict()}
+        """The ledger and what it amounts to under both accountants: `statement.to_dict()`."""
+        return self.statement.to_dict()
 
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write model, schema, ledger and settings to `directory`, which appears complete or not at all.
 
-        An existing file, or a non-empty folder, is refused unless `overwrite=True`, which replaces it whole
-        (nothing of the old one is kept, hidden or not). Debris of an earlier save that was killed midway
-        (`.NAME.tmp-*`) is removed first.
+        An existing file, or a non-empty folder, is refused unless `overwrite=True`, which replaces it whole:
+        the old one is kept aside until the new one is in place, then removed (nothing of it is left, hidden
+        or not). Debris of an earlier save that was killed midway (`.NAME.tmp-*`) is removed first. A saved
+        model is meant to be shared: shareable modes (`tramontane.files.write_dir_atomic`).
         """
         model, _ = self._fitted()
         directory = Path(directory)
         if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
             raise ConfigError(f"{directory} already exists: choose a new folder, or save with overwrite=True "
                               "(--overwrite) to replace it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-        try:
-            save_model(model, tmp / "model", format="consolidated")
-            self.schema.save(tmp / "schema.json")
+        # Only DP and public fields (tramontane.synth.release); the data holder's diagnostics stay out.
+        state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epsilon": self.epsilon,
+                 "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
+                 "ledger": self.ledger.to_dict(), "summary": asdict(self.summary) if self.summary else None}
+
+        def write(folder: Path) -> None:
+            save_model(model, folder / "model", format="consolidated")
+            self.schema.save(folder / "schema.json")
             if self.marginals is not None:
-                (tmp / MARGINALS_FILE).write_text(json.dumps(self.marginals.to_dict()))
-            # Only DP and public fields (tramontane.synth.release); the data holder's diagnostics stay out.
-            state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epsilon": self.epsilon,
-                     "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
-                     "ledger": self.ledger.to_dict(), "summary": asdict(self.summary) if self.summary else None}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700; a saved model is meant to be shared
-            if directory.exists() or directory.is_symlink():
-                old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-old-"))
-                os.replace(directory, old / "previous")
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+                (folder / MARGINALS_FILE).write_text(json.dumps(self.marginals.to_dict()))
+            (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+        return write_dir_atomic(directory, write, SHAREABLE_MODE)
 
     @classmethod
     def load(cls, directory: str | Path) -> Synthesizer:
@@ -670,11 +714,6 @@ class Synthesizer:
                                   "synthesizer again") from None
         return synth
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def dp_row_count(n: int, noise_std: float, seed: int | None = None) -> int:

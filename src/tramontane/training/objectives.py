@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tramontane.errors import DataError
+
 IGNORE_INDEX = -100
 
 
@@ -26,7 +28,8 @@ class LanguageModelingObjective:
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, example_of_row: torch.Tensor | None = None,
                  logit_mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         if inputs.shape != labels.shape:
-            raise ValueError(f"inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} differ in shape")
+            raise DataError(f"inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} differ in shape: "
+                            "give one label per input token (IGNORE_INDEX where none is scored)")
         self.inputs, self.labels, self.logit_mask = inputs, labels, logit_mask
         if example_of_row is None:
             self.rows_of_example = None

@@ -10,9 +10,7 @@ ledger never loses a step that was applied to the saved weights.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,7 @@ from torch import nn
 
 from tramontane.accounting import PrivacyLedger
 from tramontane.errors import CheckpointError
-from tramontane.files import HOLDER_MODE, write_atomic
-from tramontane.models.checkpoint import fsync_path
+from tramontane.files import HOLDER_MODE, write_dir_atomic, write_json_atomic  # also imported from here
 
 META_FORMAT = "tramontane.training_checkpoint"
 META_VERSION = 1
@@ -39,11 +36,6 @@ class TrainState:
     config: dict[str, Any]
     history: list[dict[str, float]]
     rng_state: torch.Tensor | None = None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """The data holder's JSON (checkpoint meta, run plans), written atomically and readable by them only."""
-    write_atomic(path, json.dumps(data, indent=1), HOLDER_MODE)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
@@ -78,34 +70,26 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{state.step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}."))
-    try:
-        weights = {n: p.detach().contiguous() for n, p in model.state_dict().items()}
-        # Tied parameters appear under several names; safetensors refuses shared storage, so clone.
-        seen: set[int] = set()
-        for name, tensor in weights.items():
-            if tensor.data_ptr() in seen:
-                weights[name] = tensor.clone()
-            seen.add(tensor.data_ptr())
-        save_file(weights, tmp / "model.safetensors")
-        names = _param_index_names(model, optimizer)
-        opt_tensors, opt_rest = _optimizer_tensors(optimizer, names)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        meta = {"format": META_FORMAT, "version": META_VERSION, "step": state.step,
-                "ledger": state.ledger.to_dict(), "config": state.config, "history": state.history,
-                "optimizer": opt_rest, "param_names": [names[i] for i in range(len(names))],
-                "rng_state": state.rng_state.tolist() if state.rng_state is not None else None}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    weights = {n: p.detach().contiguous() for n, p in model.state_dict().items()}
+    # Tied parameters appear under several names; safetensors refuses shared storage, so clone.
+    seen: set[int] = set()
+    for name, tensor in weights.items():
+        if tensor.data_ptr() in seen:
+            weights[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
+    names = _param_index_names(model, optimizer)
+    opt_tensors, opt_rest = _optimizer_tensors(optimizer, names)
+    meta = {"format": META_FORMAT, "version": META_VERSION, "step": state.step,
+            "ledger": state.ledger.to_dict(), "config": state.config, "history": state.history,
+            "optimizer": opt_rest, "param_names": [names[i] for i in range(len(names))],
+            "rng_state": state.rng_state.tolist() if state.rng_state is not None else None}
+
+    def write(folder: Path) -> None:
+        save_file(weights, folder / "model.safetensors")
+        save_file(opt_tensors, folder / "optimizer.safetensors")
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    write_dir_atomic(final, write, HOLDER_MODE)
     write_json_atomic(run_dir / "latest", {"checkpoint": final.name, "step": state.step})
     old = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p != final)
     for path in old[: max(0, len(old) - (keep - 1))]:

@@ -1,8 +1,8 @@
 """The training loop: non-private, or DP-SGD with Poisson sampling, a privacy ledger and a hard budget stop.
 
 DP-SGD steps follow Abadi et al. (2016) with the accounting of Mironov et al. (2019): every step samples a
-Poisson batch at rate q = batch_size / N, clips each example's gradient (`tramontane.dp.DPEngine`), adds
-Gaussian noise of std sigma * C, divides by q N, and takes an AdamW step. When N itself is private (a
+Poisson batch at rate q = batch_size / N, clips each example's gradient, adds Gaussian noise of std sigma * C,
+divides by q N (all in `tramontane.dp.DPEngine.step`), and takes an AdamW step. When N itself is private (a
 synthesizer knows only a noisy row count), `TrainConfig.sample_rate` gives q publicly and the noisy sum is
 divided by the public `batch_size` instead, so that nothing released depends on the exact N. Each step is
 appended to the privacy ledger *after* it is applied; checkpoints save weights and ledger together, so a
@@ -29,29 +29,18 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from tramontane import accounting
 from tramontane.accounting import DpSgdEvent, PrivacyEvent, PrivacyLedger
-from tramontane.dp import DPEngine, PoissonSampler, micro_batches
+from tramontane.dp import DPEngine, Objective, PoissonSampler, micro_batches
 from tramontane.errors import ConfigError, PrivacyBudgetError
 from tramontane.training.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-class Objective(Protocol):
-    """What the loop trains on: examples are indices 0..N-1 of a dataset the objective holds."""
-
-    def rows(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor | None]:
-        """The model input for these examples, and the example id of each input row (None: one row per
-        example). Several rows may belong to one example (augmentation multiplicity); they share a clip."""
-
-    def losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """One loss per input row [R]; each a function of its own row only (e.g. mean token loss)."""
 
 
 @dataclass
@@ -281,17 +270,6 @@ class Trainer:
                 yield order[start:start + size]
                 done += 1
 
-    def _private_step(self, engine: DPEngine, indices: list[int]) -> float:
-        total, rows = 0.0, 0
-        for micro in micro_batches(indices, self.config.micro_batch_size):
-            batch, example_ids = self.objective.rows(micro)
-            with engine.record(example_ids=example_ids):
-                losses = self.objective.losses(self.model, batch)
-                engine.backward(losses)
-            total, rows = total + float(losses.detach().sum()), rows + losses.shape[0]
-        engine.add_noise_and_set_grads(expected_batch_size=self.expected_batch_size)
-        return total / max(rows, 1)
-
     def _plain_step(self, indices: list[int]) -> float:
         total, rows = 0.0, 0
         for micro in micro_batches(indices, self.config.micro_batch_size):
@@ -317,8 +295,9 @@ class Trainer:
             if self.step >= self.max_steps:  # unreachable after _check_budget; kept as a last guard
                 stopped = "privacy budget reached"
                 break
-            if engine is not None:
-                loss = self._private_step(engine, indices)
+            if engine is not None:  # clipped sum + noise on .grad, as the engine's one DP step sets it
+                loss = engine.step(self.objective, indices, expected_batch_size=self.expected_batch_size,
+                                   micro_batch_size=c.micro_batch_size).mean
             else:
                 loss = self._plain_step(indices)
             self.optimizer.step()
