@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup check test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Type check of src/tramontane with the [tool.mypy] settings in pyproject.toml.
+check: $(STAMP)
+	$(PY) -m mypy
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests

@@ -13,14 +13,26 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from tramontane.errors import TramontaneError
+
+if TYPE_CHECKING:  # the commands import these lazily: `tramontane --help` loads no torch
+    import pandas as pd
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from tramontane.generation import SamplingParams
+    from tramontane.models.transformer import Transformer
+    from tramontane.models.vision import VisionLanguageModel
+    from tramontane.synth.synthesizer import Synthesizer
+    from tramontane.tokenizer import Tokenizer
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _stderr():
+def _stderr() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
@@ -53,7 +65,7 @@ def _command_line_hint(err: TramontaneError) -> TramontaneError:
     return err
 
 
-def _load_model_and_tokenizer(model_dir: str, dtype: str | None):
+def _load_model_and_tokenizer(model_dir: str, dtype: str | None) -> tuple[Transformer, Tokenizer]:
     import torch
 
     from tramontane.models.checkpoint import load_model
@@ -75,7 +87,7 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None):
     return model, tokenizer
 
 
-def _sampling(args: argparse.Namespace, logprobs: bool = False):
+def _sampling(args: argparse.Namespace, logprobs: bool = False) -> SamplingParams:
     """The sampling options as `SamplingParams`, a bad one named by its option. Every model command calls
     this before loading anything: a mistyped option must not wait minutes for a real checkpoint."""
     from tramontane.generation import SamplingParams, sampling_problems
@@ -112,7 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None):
+def _load_vision_model_and_tokenizer(model_dir: str,
+                                     dtype: str | None) -> tuple[VisionLanguageModel, Tokenizer]:
     import torch
 
     from tramontane.models.vision import check_tokenizer, load_vision_language_model
@@ -129,15 +142,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.image:
         from tramontane.generation.multimodal import generate_with_images
-        from tramontane.models.vision import encode_image_chat, image_message, load_image
+        from tramontane.models.vision import VisionLanguageModel, encode_image_chat, image_message, load_image
 
     options = _sampling(args)  # every option and image before the model
+    model: Transformer
     if args.image:
         pictures = [load_image(path) for path in args.image]
         try:
             model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype)
-        except TramontaneError as err:
-            raise _command_line_hint(err)
+        except TramontaneError as exc:
+            raise _command_line_hint(exc)
     else:
         model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
     messages: list[Any] = []
@@ -161,6 +175,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if options.seed is not None:  # a new but reproducible draw each turn
             params = dataclasses.replace(options, seed=options.seed + turn)
         if args.image:  # images: the whole reply at once (prefill reads the spliced image features)
+            assert isinstance(model, VisionLanguageModel)
             prompt, images = encode_image_chat(tokenizer, messages)
             [completion] = generate_with_images(model, [prompt], [images], params, eos_id=tokenizer.eos_id)
             reply = completion.tokens
@@ -195,7 +210,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         from pydantic import TypeAdapter, ValidationError
 
         try:  # mistral_common's own rule for the request's language
-            TypeAdapter(TranscriptionRequest.model_fields["language"].annotation).validate_python(args.language)
+            language_type = TranscriptionRequest.model_fields["language"].annotation
+            assert language_type is not None
+            TypeAdapter(language_type).validate_python(args.language)
         except ValidationError:
             raise TramontaneError(f"--language must be an ISO 639-1 code such as en or fr, got "
                                   f"{args.language!r}") from None
@@ -413,14 +430,15 @@ class _Progress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_stderr())
         self.description = description
-        self.task = None
+        self.task: TaskID | None = None
 
     def __enter__(self) -> "_Progress":
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.progress.__exit__(exc_type, exc, traceback)
 
     def __call__(self, step: int, total: int, info: dict[str, float]) -> None:
         text = f"held-out NLL {info['eval_loss']:.2f}" if "eval_loss" in info else ""
@@ -429,7 +447,7 @@ class _Progress:
         self.progress.update(self.task, completed=step, info=text or self.progress.tasks[0].fields["info"])
 
 
-def _fit_synthesizer(args: argparse.Namespace):
+def _fit_synthesizer(args: argparse.Namespace) -> tuple[Synthesizer, pd.DataFrame, pd.DataFrame | None]:
     from tramontane import datasets
     from tramontane.synth.synthesizer import SynthConfig, Synthesizer
 
@@ -477,6 +495,7 @@ def _fit_synthesizer(args: argparse.Namespace):
             err.print(f"interrupted: continue from the last checkpoint with --resume {run_dir}")
         raise
     s, spent = synth.summary, synth.statement
+    assert s is not None  # fit() wrote it
     err.print(f"trained on about {s.rows_dp} rows (a DP count, noise std {s.row_count_noise:g}): "
               f"{s.steps} steps at sample rate {s.sample_rate:.4g} (expected batch {s.batch_size}), "
               f"sigma {s.noise_multiplier:.3f}")
@@ -488,13 +507,15 @@ def _fit_synthesizer(args: argparse.Namespace):
     return synth, train, test
 
 
-def _write_report(synth, train, synthetic, test, target: str | None, directory: str) -> None:
+def _write_report(synth: Synthesizer, train: pd.DataFrame, synthetic: pd.DataFrame, test: pd.DataFrame | None,
+                  target: str | None, directory: str) -> None:
     from tramontane.report.privacy_report import write_reports
 
     paths = write_reports(directory, synth, train, synthetic, test, target)
     err = _stderr()
     err.print(f"release (shareable): {paths.release_html}")
     if paths.evaluation_html is not None:
+        assert paths.evaluation_json is not None  # the two are written together
         err.print(f"evaluation (data holder only, do not publish): {paths.evaluation_html}")
         line = _utility_line(json.loads(paths.evaluation_json.read_text())["utility"])
         err.print(f"utility (data holder only, not DP): {line}")
@@ -535,6 +556,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     _check_output(args.save_model, "--save-model", "folder", args.overwrite)
     _check_output(args.report, "--report", "folder", args.overwrite)
     synth, train, test = _fit_synthesizer(args)
+    assert synth.summary is not None  # fit() wrote it
     rows = args.rows if args.rows is not None else synth.summary.rows_dp  # N itself is not public
     synthetic = synth.sample(rows, seed=args.seed)
     write_csv_atomic(synthetic, args.out)  # shareable: the umask's usual 0644
@@ -762,7 +784,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         err.print(f"each replayed round is one DP-SGD step of about {synth.summary.batch_size} rows (the "
                   "fit's expected batch), about as long as one training step")
 
-    bars, tasks, started, last, order = None, {}, {}, {}, []
+    bars: Progress | None = None
+    tasks: dict[str, TaskID] = {}
+    started: dict[str, float] = {}
+    last: dict[str, tuple[int, float]] = {}  # phase -> (done, time) when last printed
+    order: list[str] = []
     if err.is_terminal:
         from rich import progress as rp
 

@@ -212,8 +212,9 @@ class Tokenizer:
     ) -> Tokenized:
         """Like `encode_chat` but returns mistral_common's `Tokenized`: `.tokens`, `.images`, `.audios`."""
         try:
-            request = ChatCompletionRequest(
-                messages=list(messages), tools=None if tools is None else list(tools)
+            # model_validate: the dicts among the messages and tools become mistral_common objects
+            request: ChatCompletionRequest[ChatMessage] = ChatCompletionRequest.model_validate(
+                {"messages": list(messages), "tools": None if tools is None else list(tools)}
             )
             return self.mistral.encode_chat_completion(request)
         except _LIBRARY_ERRORS as exc:

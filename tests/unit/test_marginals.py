@@ -17,11 +17,18 @@ from tramontane.synth import marginals as M
 from tramontane.synth.schema import ColumnSpec, Schema
 
 
-def test_rho_share_converts_back_to_the_budget():
+def test_budget_rho_is_the_one_gaussian_release_that_spends_the_budget():
+    """Closed-form checks of the accountant's currency: one Gaussian release of the budget's rho spends
+    exactly (epsilon, delta), and rho lies between the zCDP conversion's (Bun and Steinke 2016, Prop. 1.3:
+    epsilon = rho + 2 sqrt(rho ln 1/delta), looser than the RDP conversion) and epsilon^2 / 2."""
     for eps, delta in ((0.5, 1e-6), (1.0, 1e-5), (10.0, 1e-5)):
-        rho = M.zcdp_rho(eps, delta)
-        assert rho + 2 * math.sqrt(rho * math.log(1 / delta)) == pytest.approx(eps, rel=1e-12)
-        assert M.epsilon_after_share(eps, delta, 0.0) == pytest.approx(eps, rel=1e-12)
+        rho = accounting.budget_rho(eps, delta)
+        one = GaussianEvent(accounting.gaussian_sigma_for_rho(rho))
+        assert accounting.epsilon(one, delta, "rdp") == pytest.approx(eps, rel=1e-3)
+        assert accounting.epsilon_of_rho(rho, delta) == pytest.approx(eps, rel=1e-3)
+        log_inv = math.log(1 / delta)
+        zcdp = (math.sqrt(log_inv + eps) - math.sqrt(log_inv)) ** 2
+        assert zcdp < rho < eps ** 2 / 2 + eps
 
 
 def test_noise_has_the_planned_standard_deviation_and_no_bias():
@@ -114,13 +121,14 @@ def test_planned_rounds_spend_exactly_the_share_in_zcdp():
         b = M.plan_budget(eps, 1e-5, 0.3, 15, rounds, sel)
         rho = sum(e.count / (2 * e.noise_multiplier ** 2) if isinstance(e, GaussianEvent) else e.rho
                   for e in b.events())
-        assert rho == pytest.approx(0.3 * M.zcdp_rho(eps, 1e-5), rel=1e-12)
+        assert rho == pytest.approx(0.3 * accounting.budget_rho(eps, 1e-5), rel=1e-12)
         assert b.measurements == 15 + rounds
         if rounds:  # each round's selection costs `sel` of the round
             select = b.selection_epsilon ** 2 / 8
             assert select / (select + 1 / (2 * b.sigma ** 2)) == pytest.approx(sel, rel=1e-12)
-        # the rdp accountant (exact for both mechanisms' Renyi curves) stays inside the share's epsilon
-        assert accounting.epsilon(b.events(), 1e-5, "rdp") < M.epsilon_after_share(eps, 1e-5, 0.7) + 1e-9
+        # rho composes exactly under the rdp accountant: the events cost what one release of their rho does
+        assert accounting.epsilon(b.events(), 1e-5, "rdp") == pytest.approx(
+            accounting.epsilon_of_rho(0.3 * accounting.budget_rho(eps, 1e-5), 1e-5), rel=1e-9)
 
 
 def test_exponential_mechanism_draws_the_softmax_of_its_qualities():

@@ -264,10 +264,11 @@ class TanPlan:
         """The plan as `tramontane plan` prints it: `private_run` (the reference setting with its accounted
         epsilon), and `simulation` (NOT private) only when there is one."""
         ref = self.reference
-        result = {"private_run": {"batch_size": ref.batch_size, "noise_multiplier": ref.noise_multiplier,
-                                  "steps": ref.steps, "sample_rate": ref.sample_rate, "epochs": ref.epochs,
-                                  "epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant,
-                                  "eta": ref.eta, "epsilon_tan": self.epsilon_tan}}
+        result: dict[str, dict[str, float | int | str | bool]] = {}
+        result["private_run"] = {"batch_size": ref.batch_size, "noise_multiplier": ref.noise_multiplier,
+                                 "steps": ref.steps, "sample_rate": ref.sample_rate, "epochs": ref.epochs,
+                                 "epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant,
+                                 "eta": ref.eta, "epsilon_tan": self.epsilon_tan}
         if self.simulated is not None:
             sim = self.simulated
             result["simulation"] = {"batch_size": sim.batch_size, "noise_multiplier": sim.noise_multiplier,

@@ -94,6 +94,14 @@ def split_events(events: LedgerLike, *, selections_as_pure_dp: bool = True
     return mechanisms, declared
 
 
+def _gaussian_events(events: LedgerLike) -> tuple[list[DpSgdEvent | GaussianEvent], list[EpsilonDeltaEvent]]:
+    """`split_events` with selections as pure DP: the mechanisms left are all Gaussian (sampled or not)."""
+    mechanisms, declared = split_events(events)
+    gaussian = [e for e in mechanisms if isinstance(e, (DpSgdEvent, GaussianEvent))]
+    assert len(gaussian) == len(mechanisms), "selections were moved to the declared events"
+    return gaussian, declared
+
+
 # -- closed forms ---------------------------------------------------------------------------------------
 
 def gaussian_tv(mu: float) -> float:
@@ -128,7 +136,7 @@ def gdp_mu(events: LedgerLike) -> tuple[float, bool]:
     present (q = 1 is S Gaussian releases, exact).
     Declared (epsilon, delta) events have no GDP parameter and are refused.
     """
-    mechanisms, declared = split_events(events)
+    mechanisms, declared = _gaussian_events(events)
     if declared:
         raise PrivacyParameterError("declared (epsilon, delta) events have no GDP parameter; the coupling "
                                     "bound covers them (mi_advantage_bound, `tramontane bounds`)")
@@ -353,7 +361,7 @@ def mi_advantage_monte_carlo(events: LedgerLike, samples: int = 100_000, *, seed
     with a standard error (not a certified bound). Sampling under P gave a 2-3x smaller standard error.
     Mechanism events only (declared (epsilon, delta) events have no output distribution to sample).
     """
-    mechanisms, declared = split_events(events)
+    mechanisms, declared = _gaussian_events(events)
     if declared:
         raise PrivacyParameterError("declared (epsilon, delta) events cannot be simulated")
     if under not in ("P", "Q"):

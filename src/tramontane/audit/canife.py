@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,7 +98,7 @@ def soft_sequence_loss(model: nn.Module, length: int) -> Callable[[torch.Tensor]
     tokens = torch.zeros(1, length - 1, dtype=torch.long)
 
     def loss(weights: torch.Tensor) -> torch.Tensor:
-        table = model.tok_embeddings.weight
+        table = model.get_parameter("tok_embeddings.weight")
         emb = (weights[:-1].to(table.dtype) @ table)[None]  # 1 T-1 dim
         logp = torch.log_softmax(model(tokens, embeddings=emb).float()[0], dim=-1)  # T-1 V
         return -(weights[1:].float() * logp).sum() / (length - 1)
@@ -160,7 +160,7 @@ def craft_canary(soft_loss: Callable[[torch.Tensor], torch.Tensor], params: list
     var = logits.detach().clone().float().masked_fill(~mask, 0.0).requires_grad_(True)
     opt = torch.optim.Adam([var], lr=lr)
 
-    def hard(x: torch.Tensor) -> torch.Tensor:
+    def hard(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = x.masked_fill(~mask, -math.inf).argmax(-1)
         return torch.nn.functional.one_hot(idx, x.shape[-1]).to(x.dtype), idx
 
@@ -198,7 +198,7 @@ def replayed_scores(model: nn.Module, objective: Objective, num_examples: int, *
                     canary_rows: Callable[[], tuple[Any, torch.Tensor | None]] | None = None,
                     canary_gradient: torch.Tensor | None = None, micro_batch_size: int = 256,
                     noise_seed: int | None = None,
-                    sampling_seed: int | None = None) -> Iterator[tuple[bool, float]]:
+                    sampling_seed: int | None = None) -> Generator[tuple[bool, float], None, None]:
     """Yield (canary present, score) for each of `rounds` DP-SGD steps of the frozen model, alternating with
     and without the canary (CANIFE's `train_freeze`); see the module docstring and `replay_dp_steps`.
 
@@ -254,7 +254,8 @@ def replay_dp_steps(model: nn.Module, objective: Objective, num_examples: int, *
     clipped sum (what the engine would add for an example with that gradient). `direction` [D] is the
     unit vector u_hat the score projects on. Model parameters are left untouched, `.grad` is cleared.
     """
-    with_scores, without_scores = [], []
+    with_scores: list[float] = []
+    without_scores: list[float] = []
     rounds_iter = replayed_scores(model, objective, num_examples, sample_rate=sample_rate,
                                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                   direction=direction, rounds=rounds, canary_rows=canary_rows,

@@ -127,7 +127,7 @@ def _card_epsilons(profile: PrivacyProfile, delta: float,
     rules (the profile's PLD is the pld accountant's, declared steps by basic composition)."""
     if statement is not None:
         return statement.epsilon_rdp, statement.epsilon_pld
-    return accounting.epsilon(profile.mechanisms + profile.declared, delta, "rdp"), profile.epsilon(delta)
+    return accounting.epsilon([*profile.mechanisms, *profile.declared], delta, "rdp"), profile.epsilon(delta)
 
 
 def ledger_bounds(ledger: LedgerLike, delta: float, num_values: int | None = None) -> dict[str, Any]:

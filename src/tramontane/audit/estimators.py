@@ -143,7 +143,8 @@ def empirical_epsilon(positives: Sequence[float] | np.ndarray, negatives: Sequen
                            fnr=float(fnr[i]), positives=len(pos), negatives=len(neg))
 
 
-def gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str = "rdp") -> float:
+def gaussian_epsilon(noise_multiplier: float, delta: float,
+                     accountant: accounting.Accountant = "rdp") -> float:
     """Epsilon of one unsampled Gaussian step with noise `noise_multiplier` (CANIFE's "one-step epsilon")."""
     return accounting.epsilon(accounting.GaussianEvent(noise_multiplier), delta, accountant)
 
@@ -189,7 +190,8 @@ def compose_estimates(segments: Sequence[tuple[EpsilonEstimate, int]], sample_ra
         raise PrivacyParameterError("need at least one (estimate, steps) segment")
 
     def compose(pick: str, floor: float) -> tuple[float, tuple[float, ...], PrivacyLedger]:
-        ledger, sigmas = PrivacyLedger(), []
+        ledger = PrivacyLedger()
+        sigmas: list[float] = []
         for est, steps in segments:
             eps = getattr(est, pick)
             if math.isinf(eps):

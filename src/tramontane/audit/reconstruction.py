@@ -185,7 +185,7 @@ class ReconstructionBound:
 
 
 def reconstruction_bounds(events: LedgerLike, num_values: Sequence[int], delta: float | None = None,
-                          accountant: str = "rdp",
+                          accountant: accounting.Accountant = "rdp",
                           epsilon: float | None = None) -> dict[int, ReconstructionBound]:
     """`reconstruction_bound` for several M at once (the ledger's RDP curve and epsilon computed once).
     `epsilon`: the ledger's epsilon at `delta` when the caller already has it."""
@@ -218,6 +218,7 @@ def reconstruction_bounds(events: LedgerLike, num_values: Sequence[int], delta: 
             fano = fano_bound(float(rdp[np.argmin(orders)]), m)
             pp = probability_preservation_bound(orders, rdp, m)
         if delta is not None:
+            assert epsilon is not None  # computed above whenever delta is given
             ed = epsilon_delta_bound(epsilon, delta, m)
         out[m] = ReconstructionBound(num_values=m, bound=min(b for b in (rdp_b, ed) if b is not None),
                                      rdp_bound=rdp_b, rdp_order=order, epsilon_delta_bound=ed,
@@ -227,7 +228,7 @@ def reconstruction_bounds(events: LedgerLike, num_values: Sequence[int], delta: 
 
 
 def reconstruction_bound(events: LedgerLike, num_values: int, delta: float | None = None,
-                         accountant: str = "rdp") -> ReconstructionBound:
+                         accountant: accounting.Accountant = "rdp") -> ReconstructionBound:
     """Bounds on an informed adversary's success in recovering one of `num_values` equally likely values
     of a training example from the ledger's release (see the module docstring; arXiv 2210.13662).
 

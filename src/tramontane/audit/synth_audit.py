@@ -72,7 +72,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from tramontane import accounting
 from tramontane.accounting import DpSgdEvent, GaussianEvent
@@ -92,6 +91,7 @@ from tramontane.audit.estimators import ComposedEstimate, compose_estimates
 from tramontane.audit.membership import AttackSummary, attack_summary, lira_scores, roc_curve
 from tramontane.errors import ConfigError, DataError, SchemaError
 from tramontane.files import write_json_atomic
+from tramontane.models import Transformer
 from tramontane.synth.codec import EncodedRows, TabularCodec
 from tramontane.synth.synthesizer import RowObjective, Synthesizer
 from tramontane.tables.schema import Schema
@@ -126,7 +126,7 @@ def value_token_table(codec: TabularCodec) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(mask, ids, torch.zeros_like(ids)), mask
 
 
-def soft_row_loss(model: nn.Module, codec: TabularCodec) -> Callable[[torch.Tensor], torch.Tensor]:
+def soft_row_loss(model: Transformer, codec: TabularCodec) -> Callable[[torch.Tensor], torch.Tensor]:
     """weights [d, Vmax] (a distribution over each column's values) -> the training loss of that soft row
     in schema order: value positions get the weighted mix of the column's value embeddings, and the loss is
     the expected constrained NLL per column. One-hot weights give exactly the synthesizer's training loss
@@ -248,6 +248,12 @@ def _schema_columns(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return df
 
 
+def _schema_of(synth: Synthesizer) -> Schema:
+    if synth.schema is None:
+        raise ConfigError("the synthesizer has no schema: call fit(df) or Synthesizer.load(dir) first")
+    return synth.schema
+
+
 def schema_was_given(synth: Synthesizer) -> bool:
     """Whether `fit` was handed its schema (and so refused rows outside it) rather than inferring it (and so
     dropping, row by row, the rows holding values the inferred schema left out)."""
@@ -266,14 +272,15 @@ def training_rows(synth: Synthesizer, data: pd.DataFrame) -> pd.DataFrame:
     Raises `SchemaError` (naming columns and rules, never values) when a given schema does not fit `data`:
     it cannot be the table the synthesizer was trained on. How many rows were dropped is not reported.
     """
-    df = _schema_columns(data, synth.schema)
+    schema = _schema_of(synth)
+    df = _schema_columns(data, schema)
     if schema_was_given(synth):
         try:
-            synth.schema.validate(df)
+            schema.validate(df)
         except SchemaError as err:
             raise SchemaError(f"the audit data is not the table this synthesizer was trained on: its fit was "
                               f"given this schema and accepted only rows that match it. {err}") from None
-    return synth.schema.conform(df)
+    return schema.conform(df)
 
 
 def rows_note(synth: Synthesizer) -> str | None:
@@ -295,7 +302,7 @@ def _dp_sgd_events(synth: Synthesizer) -> list[DpSgdEvent]:
     return events
 
 
-def _craft_row_canary(model: nn.Module, codec: TabularCodec, pool: torch.Tensor, max_grad_norm: float,
+def _craft_row_canary(model: Transformer, codec: TabularCodec, pool: torch.Tensor, max_grad_norm: float,
                       config: AuditConfig, generator: torch.Generator,
                       on_step: Callable[[int, int], None] | None = None) -> CanaryDesign:
     ids, mask = value_token_table(codec)
@@ -348,6 +355,7 @@ def audit_synthesizer(synth: Synthesizer, data: pd.DataFrame, holdout: pd.DataFr
     model, codec = synth.model, synth.codec
     if model is None or codec is None:
         raise ConfigError("the synthesizer is not fitted: call fit(df) or Synthesizer.load(dir) first")
+    schema = _schema_of(synth)
     events = _dp_sgd_events(synth)
     q, sigma = events[-1].sample_rate, events[-1].noise_multiplier
     if any((e.sample_rate, e.noise_multiplier) != (q, sigma) for e in events):
@@ -365,13 +373,14 @@ def audit_synthesizer(synth: Synthesizer, data: pd.DataFrame, holdout: pd.DataFr
                        "different size: replayed batches use q N with this table's N", summary.rows_dp)
     held = None
     if holdout is not None:
-        held = synth.schema.conform(_schema_columns(holdout, synth.schema))
+        held = schema.conform(_schema_columns(holdout, schema))
         if len(held) < 1:
             raise DataError("the held-out table has no row that fits the schema")
     n_members = _membership_size(synth, rows, held, config) if held is not None else 0
     if config.rounds is None:  # from the fit's DP batch size: the number written is no function of N itself
         batch = summary.batch_size if summary is not None else q * len(rows)
         config = replace(config, rounds=auto_rounds(batch))
+    assert config.rounds is not None
 
     report = progress or (lambda phase, done, total: None)
     draws = config.direction_draws if synth.config.permute_columns else 1
@@ -395,8 +404,9 @@ def audit_synthesizer(synth: Synthesizer, data: pd.DataFrame, holdout: pd.DataFr
 def _audit(synth: Synthesizer, rows: pd.DataFrame, held: pd.DataFrame | None, n_members: int,
            config: AuditConfig, record: _Record, plan: dict[str, int], report: Progress, q: float,
            sigma: float, steps: int, c: float, theory: float) -> SynthAudit:
-    model, codec = synth.model, synth.codec
-    vids = synth.schema.value_ids(rows)
+    model, codec, schema = synth.model, synth.codec, _schema_of(synth)
+    assert model is not None and codec is not None and config.rounds is not None  # audit_synthesizer checked
+    vids = schema.value_ids(rows)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     objective = RowObjective(codec, vids, synth.config, rng)  # the fit's own loss, drawing from the audit's rng
@@ -409,11 +419,11 @@ def _audit(synth: Synthesizer, rows: pd.DataFrame, held: pd.DataFrame | None, n_
         report("canary", done, plan["canary"])
 
     pool_idx = rng.choice(len(rows), size=min(config.design_pool, len(rows)), replace=False)
-    pool = []
+    pool_grads = []
     for i in pool_idx.tolist():
-        pool.append(clipped_example_gradients(model, objective, [i], c)[0])
+        pool_grads.append(clipped_example_gradients(model, objective, [i], c)[0])
         tick()
-    pool = torch.stack(pool)
+    pool = torch.stack(pool_grads)
     tick(config.design_pool - len(pool_idx))  # a table smaller than the pool
     design, canary_rows, canary_gradient, canary_row = None, None, None, None
     if config.canary == "input":
@@ -421,7 +431,7 @@ def _audit(synth: Synthesizer, rows: pd.DataFrame, held: pd.DataFrame | None, n_
         design = _craft_row_canary(model, codec, pool, c, config, generator,
                                    on_step=lambda k, n: tick(before + k - done))
         canary_vids = design.tokens.numpy()[None, :]
-        canary_row = _plain_row(synth.schema.frame_from_value_ids(canary_vids).iloc[0].to_dict())
+        canary_row = _plain_row(schema.frame_from_value_ids(canary_vids).iloc[0].to_dict())
         record.canary_health, record.canary_row = design.health, canary_row
 
         def canary_rows() -> tuple[EncodedRows, torch.Tensor | None]:
@@ -594,7 +604,7 @@ def secret_exposure(synth: Synthesizer, rows: pd.DataFrame, column: str) -> Secr
     """For each row, rank its `column` value among all M values of that column by the model's likelihood of
     the whole row (the other values fixed): the informed adversary of the reconstruction bounds, with a
     uniform prior over the M values when the rows were drawn by `random_rows`."""
-    schema = synth.schema
+    schema = _schema_of(synth)
     j = schema.names.index(column) if column in schema.names else -1
     if j < 0:
         raise ConfigError(f"no column {column!r} in the schema; columns: {schema.names}")

@@ -53,6 +53,7 @@ def _gram(u: Factor, v: Factor) -> torch.Tensor:
 
 def cross_term(u: tuple[Factor, Factor], v: tuple[Factor, Factor]) -> torch.Tensor:
     """<grad_u_i, grad_v_i> for every example i, from both uses' factors: [G]."""
+    assert u[1].dense is not None, "the second factor of every contribution is dense"
     return _batched_dot(_gram(u[0], v[0]).to(u[1].dense.dtype), _gram(u[1], v[1]))
 
 
@@ -171,12 +172,16 @@ def combined_sq_norms(uses: list[Contribution]) -> torch.Tensor:
     the uses' gradients (cross terms included), never the sum of their norms."""
     if len(uses) == 1:
         return uses[0].sq_norms()
-    factors = [u.factors() for u in uses]
-    if all(f is not None for f in factors):
-        total = sum(u.sq_norms() for u in uses)
+    factors = [f for f in (u.factors() for u in uses) if f is not None]
+    if len(factors) == len(uses):
+        total = uses[0].sq_norms()
+        for u in uses[1:]:
+            total = total + u.sq_norms()
         for j in range(len(uses)):
             for k in range(j + 1, len(uses)):
-                total = total + 2 * cross_term(factors[j], factors[k])  # type: ignore[arg-type]
+                total = total + 2 * cross_term(factors[j], factors[k])
         return total
-    summed = sum(u.per_example() for u in uses)
+    summed = uses[0].per_example()
+    for u in uses[1:]:
+        summed = summed + u.per_example()
     return _batched_dot(summed, summed)

@@ -286,7 +286,8 @@ class DPEngine:
                 "parameters are used outside their module's forward (e.g. F.linear(x, other.weight)); call "
                 "the module instead")
         for i in range(min(examples, losses.shape[0])):
-            alone = torch.sqrt(sum(g.double().pow(2).sum() for g in grads_of(losses[i])))
+            alone = torch.sqrt(sum((g.double().pow(2).sum() for g in grads_of(losses[i])),
+                                   torch.zeros((), dtype=torch.float64)))
             if not close(norms[i].double(), alone):
                 raise UnsupportedModuleError(
                     f"example {i}'s gradient norm is {alone.item():.6g} from its own loss but "

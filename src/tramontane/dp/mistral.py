@@ -27,6 +27,7 @@ from tramontane.models.moe import MoeLayer
 
 def _rms_normalize(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """normalize(x) exactly as `RMSNorm.forward` computes it before the weight."""
+    assert isinstance(module, RMSNorm)
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.eps)).type_as(x)
 
@@ -39,12 +40,15 @@ class MoeRouting(RoutingRule):
     """`MoeLayer`: the gate scores the flattened tokens [N, dim]; expert e gets tokens where(top_k == e)."""
 
     def router(self, module: nn.Module) -> nn.Module:
+        assert isinstance(module, MoeLayer)
         return module.gate
 
     def branches(self, module: nn.Module) -> Sequence[nn.Module]:
+        assert isinstance(module, MoeLayer)
         return list(module.experts)
 
     def branch_rows(self, module: nn.Module, router_output: torch.Tensor) -> list[torch.Tensor]:
+        assert isinstance(module, MoeLayer)
         top = torch.topk(router_output, module.num_experts_per_tok, dim=-1).indices  # N k
         return [torch.where(top == e)[0] for e in range(len(module.experts))]
 

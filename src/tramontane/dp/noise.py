@@ -60,6 +60,7 @@ class SecureRandom:
         device = torch.device(device)
         if self.step is None:
             self.next_step()
+        assert self.step is not None
         if device not in self._generators:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed_for(self.seed, self.purpose, str(device), self.step))

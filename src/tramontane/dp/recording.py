@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from tramontane.dp.contributions import Contribution, LinearGhost, combined_sq_norms
 from tramontane.dp.rows import ByExample, Layout, RowIndex
@@ -273,7 +273,9 @@ class Recorder:
             raise UnsupportedModuleError(
                 f"{name} ran forward after the backward pass started (activation checkpointing, or a second "
                 "forward in one engine.record() block); neither is supported")
-        output_leaf, leaves, spec = None, None, None
+        output_leaf: int | None = None
+        leaves: list[Any] = []
+        spec: TreeSpec | None = None
         if not isinstance(output, torch.Tensor):
             leaves, spec = tree_flatten(output)
             floating = [i for i, t in enumerate(leaves)
@@ -287,6 +289,7 @@ class Recorder:
         lead = rule.rows_of(saved)
         if rec.batch_size is None:
             rec.set_batch_size(lead.shape[0] if lead.dim() else 0)
+        assert rec.batch_size is not None
         routed = self.routed.get(module)
         if routed is not None and isinstance(rule, FunctionalRule):
             raise UnsupportedModuleError(
@@ -315,6 +318,7 @@ class Recorder:
                 replaced = target
             else:
                 leaves[output_leaf] = target
+                assert spec is not None
                 replaced = tree_unflatten(leaves, spec)
         target.register_hook(partial(self._on_grad, rec, cap))
         return replaced

@@ -335,7 +335,7 @@ def _lookup(module: nn.Module, table: dict[type[nn.Module], Any]) -> Any:
     for cls in kind.__mro__:
         rule = table.get(cls)
         if rule is not None and (getattr(rule, "any_forward", False)
-                                 or (not own_forward and kind.forward is cls.forward)):
+                                 or (not own_forward and kind.forward is getattr(cls, "forward", None))):
             return rule
     return None
 
@@ -360,14 +360,17 @@ def routing_for(module: nn.Module) -> RoutingRule | None:
 
 
 def _layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(module, nn.LayerNorm)
     return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(module, nn.RMSNorm)
     return F.rms_norm(x, module.normalized_shape, None, module.eps)
 
 
 def _normalized_dims(module: nn.Module) -> int:
+    assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
     return len(module.normalized_shape)
 
 

@@ -28,7 +28,8 @@ def sampling_problems(max_tokens: Any, temperature: Any, top_p: Any) -> dict[str
         return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
     out = {}
-    if not (isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool) and max_tokens >= 0):
+    if not (isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool)
+            and int(max_tokens) >= 0):
         out["max_tokens"] = f"must be an integer >= 0, got {max_tokens!r}"
     if not (real(temperature) and temperature >= 0):
         out["temperature"] = f"must be a finite number >= 0 (0 is greedy), got {temperature!r}"

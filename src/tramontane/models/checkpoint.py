@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -65,6 +65,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 _HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 # transformers 5.x runtime Mixtral names (fused experts), as found in raw state_dict dumps
 _FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
+_T = TypeVar("_T", bound=Transformer)  # the text model or one built on it (vision, audio)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -422,6 +423,24 @@ class _Source:
     convert: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
+def _renamed(name: str) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    return lambda t: {name: t}
+
+
+def _unpermuted(name: str, heads: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    return lambda t: {name: permute_from_hf(t, heads)}
+
+
+def _split_gate_up(prefix: str, n_exp: int, hidden: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    # clone: each expert gets its own storage, so the fused tensor is freed and saving works
+    return lambda t: {f"{prefix}experts.{e}.{w}.weight": part.clone()
+                      for e in range(n_exp) for w, part in (("w1", t[e, :hidden]), ("w3", t[e, hidden:]))}
+
+
+def _split_down(prefix: str, n_exp: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    return lambda t: {f"{prefix}experts.{e}.w2.weight": t[e].clone() for e in range(n_exp)}
+
+
 def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = Transformer(args)
@@ -432,7 +451,7 @@ def _consolidated_plan(args: ModelArgs) -> dict[str, _Source]:
     expected = _expected_shapes(args)
     if args.tied_embeddings:
         del expected["output.weight"]
-    return {k: _Source(shape, lambda t, k=k: {k: t}) for k, shape in expected.items()}
+    return {k: _Source(shape, _renamed(k)) for k, shape in expected.items()}
 
 
 def _hf_plan(args: ModelArgs, on_disk: Iterable[str]) -> dict[str, _Source]:
@@ -447,21 +466,18 @@ def _hf_plan(args: ModelArgs, on_disk: Iterable[str]) -> dict[str, _Source]:
             continue
         heads = _qk_heads(name, args)
         if heads is None:
-            plan[names[name]] = _Source(shape, lambda t, k=name: {k: t})
+            plan[names[name]] = _Source(shape, _renamed(name))
         else:
-            plan[names[name]] = _Source(shape, lambda t, k=name, n=heads: {k: permute_from_hf(t, n)})
+            plan[names[name]] = _Source(shape, _unpermuted(name, heads))
     if fused:
         assert args.moe is not None
         n_exp, dim, hidden = args.moe.num_experts, args.dim, args.hidden_dim
         for i in range(args.n_layers):
             c, h = f"layers.{i}.feed_forward.", f"model.layers.{i}.mlp."
-            plan[h + "gate.weight"] = _Source((n_exp, dim), lambda t, c=c: {c + "gate.weight": t})
-            # clone: each expert gets its own storage, so the fused tensor is freed and saving works
-            plan[h + "experts.gate_up_proj"] = _Source((n_exp, 2 * hidden, dim), lambda t, c=c: {
-                f"{c}experts.{e}.{w}.weight": part.clone()
-                for e in range(n_exp) for w, part in (("w1", t[e, :hidden]), ("w3", t[e, hidden:]))})
-            plan[h + "experts.down_proj"] = _Source((n_exp, dim, hidden), lambda t, c=c: {
-                f"{c}experts.{e}.w2.weight": t[e].clone() for e in range(n_exp)})
+            plan[h + "gate.weight"] = _Source((n_exp, dim), _renamed(c + "gate.weight"))
+            plan[h + "experts.gate_up_proj"] = _Source((n_exp, 2 * hidden, dim),
+                                                       _split_gate_up(c, n_exp, hidden))
+            plan[h + "experts.down_proj"] = _Source((n_exp, dim, hidden), _split_down(c, n_exp))
     return plan
 
 
@@ -499,10 +515,10 @@ def weight_files(path: Path, fmt: Format) -> list[Path]:
     )
 
 
-def assign_weights(model: nn.Module, entries: dict[str, TensorEntry], names: dict[str, str], *,
+def assign_weights(model: _T, entries: dict[str, TensorEntry], names: dict[str, str], *,
                    rotary_heads: Callable[[str], int | None] | None = None,
                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                   what: str = "the checkpoint") -> nn.Module:
+                   what: str = "the checkpoint") -> _T:
     """Load the tensors `entries` (from `scan_tensors`) into a meta-device `model` (with `.args`) in place.
 
     `names` maps on-disk names to the model's (keys absent from it are not read); `rotary_heads(name)` gives

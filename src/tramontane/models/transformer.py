@@ -111,5 +111,6 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, replace(ctx, layer=i) if cache is not None else ctx)
         if cache is not None:
+            assert ctx.cache_step is not None
             cache.commit(ctx.cache_step)
         return self.norm(h)

@@ -237,7 +237,8 @@ def _features(df: pd.DataFrame, categorical: list[str], numeric: list[str]) -> p
     return pd.DataFrame(out, columns=numeric + categorical)
 
 
-def _make_model(kind: str, numeric: list[str], categorical: list[str], train_x: pd.DataFrame, seed: int):
+def _make_model(kind: str, numeric: list[str], categorical: list[str], train_x: pd.DataFrame,
+                seed: int) -> Any:  # an unfitted sklearn Pipeline
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.impute import SimpleImputer
@@ -260,7 +261,8 @@ def _make_model(kind: str, numeric: list[str], categorical: list[str], train_x: 
     raise DataError(f"unknown model {kind!r}; choose from {list(MODELS)}")
 
 
-def _scores(model, x_test, y_test, classes: list[str], positive: str | None) -> ClassifierScores:
+def _scores(model: Any, x_test: pd.DataFrame, y_test: np.ndarray, classes: list[str],
+            positive: str | None) -> ClassifierScores:
     from sklearn.metrics import roc_auc_score
 
     pred = model.predict(x_test)

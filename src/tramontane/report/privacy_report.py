@@ -208,6 +208,7 @@ def write_reports(directory: str | Path, synth: Any, real_train: pd.DataFrame | 
     write_atomic(paths["release_json"], _json(release), SHAREABLE_MODE)
     write_atomic(paths["release_html"], release_html, SHAREABLE_MODE)
     if evaluation is not None:
+        assert evaluation_html is not None
         holder = directory / HOLDER_DIR
         holder.mkdir(mode=0o700, parents=True, exist_ok=True)
         paths["evaluation_json"] = holder / "evaluation.json"
@@ -226,6 +227,7 @@ EVALUATION_HTML = f"report/{HOLDER_DIR}/evaluation.html"
 def _as_released(artifact: str, field: Any, schema_source: tuple[str, ...], count_source: tuple[str, ...],
                  ledger_source: tuple[str, ...], opaque: tuple[str, ...] = ()) -> list[ReleasedField]:
     """A report `Field` in the manifest's terms: DP fields name the ledger events they may come from."""
+    source: tuple[str, ...]
     if field.status in ("public", "holder-only"):
         status, source = (PUBLIC if field.status == "public" else HOLDER), ()
     elif field.status == "schema":  # DP when inferred; a given schema is public (identical across neighbours)

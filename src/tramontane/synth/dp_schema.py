@@ -134,6 +134,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tramontane import accounting
 from tramontane.accounting.gaussian import analytic_gaussian_sigma, gaussian_delta  # noqa: F401 - re-exported
 from tramontane.errors import DataError, PrivacyParameterError, SchemaError, TramontaneWarning
 from tramontane.seeding import numpy_rng
@@ -194,10 +195,7 @@ def numeric_threshold(epsilon: float, n_cells: int, beta: float) -> float:
     return math.log(n_cells / (2.0 * beta)) / epsilon
 
 
-def gaussian_sigma(rho: float) -> float:
-    """The noise std that makes the Gaussian mechanism on a sensitivity-1 query rho-zCDP: rho = 1/(2 sigma^2)
-    (Bun and Steinke 2016, Prop. 1.6); as RDP, rho * alpha at every order alpha."""
-    return 1.0 / math.sqrt(2.0 * rho)
+gaussian_sigma = accounting.gaussian_sigma_for_rho  # rho = 1 / (2 sigma^2): the accountants' one home
 
 
 def gaussian_tail(sigma: float, p: float) -> float:
@@ -529,16 +527,11 @@ def schema_budget(epsilon: float, delta: float, share: float, prior: Any = ()) -
     cost without the inference (epsilon minus the epsilon of one Gaussian of rho_total - rho at delta minus
     the threshold delta): the inference's marginal cost, for summaries and for sizing the DP-SGD batch.
     """
-    from tramontane import accounting
-    from tramontane.accounting.events import GaussianEvent
-
     if not 0.0 < share < 1.0:
         raise PrivacyParameterError(f"the schema's share of the budget must be in (0, 1), got {share!r}")
-    sigma = accounting.calibrate_noise_multiplier(epsilon, delta, 1.0, 1, "rdp", prior=prior).noise_multiplier
-    rho_total = 1.0 / (2.0 * sigma**2)
+    rho_total = accounting.budget_rho(epsilon, delta, prior)
     rho, threshold = share * rho_total, share * delta
-    rest = GaussianEvent(gaussian_sigma(rho_total - rho), 1, label="the rest of the budget")
-    rest_epsilon = accounting.epsilon([*accounting.ledger_events(prior), rest], delta - threshold, "rdp")
+    rest_epsilon = accounting.epsilon_of_rho(rho_total - rho, delta - threshold, prior)
     return SchemaBudget(rho, threshold, max(0.0, epsilon - rest_epsilon))
 
 
@@ -642,18 +635,18 @@ def infer_schema(
             raise SchemaError(
                 f"{label} names column(s) {stray} that the table does not have; columns: {names}"
             )
-    for name, kind in kinds.items():
-        if kind not in KINDS:
-            raise SchemaError(f"the kind of column {name!r} must be one of {list(KINDS)}, got {kind!r}")
+    for name, given in kinds.items():
+        if given not in KINDS:
+            raise SchemaError(f"the kind of column {name!r} must be one of {list(KINDS)}, got {given!r}")
     inferred = [n for n in names if n not in known_specs]
     declared = {n: kinds[n] for n in inferred if n in kinds}  # public: costs nothing
     undecided = [n for n in inferred if n not in declared]  # decided from the values (with DP if epsilon)
-    for name, (lo, hi) in ranges.items():
+    for name, (low, high) in ranges.items():
         if declared.get(name) == "categorical" or name in known_specs:
             raise SchemaError(f"column {name!r} has a public range: only inferred numeric columns take one")
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise SchemaError(f"the public range of column {name!r} must be finite (lo, hi) with lo < hi, "
-                              f"got {(lo, hi)!r}")
+                              f"got {(low, high)!r}")
     _check_cardinality(df, declared, [n for n in undecided if n not in ranges], max_categories)
 
     if epsilon is None and rho is None:
@@ -676,6 +669,7 @@ def infer_schema(
     if rho is not None:
         plan = _GaussianPlan(inferred, declared, ranges, rho, delta or 0.0, kind_share)
         return _infer_gaussian(df, names, plan, known_specs, n_bins, max_categories, beta, rng)
+    assert epsilon is not None  # the non-private and the rho inference returned above
     eps_c = epsilon / max(len(inferred), 1)
     eps_kind = kind_share * eps_c
     spend: list[ColumnSpend] = []
@@ -727,9 +721,9 @@ def infer_schema(
         lo, hi, missing, scale, tau = dp_numeric_range(_numbers(df[name]), eps_rest, rng, edges, beta)
         mechanism = "laplace histogram over public bins"
         spend.append(ColumnSpend(name, mechanism, eps_rest, 0.0, "laplace", scale, tau))
-        if lo is not None and kind == "integer":
+        if lo is not None and hi is not None and kind == "integer":  # (lo and hi are None together)
             lo, hi = float(math.ceil(lo)), float(math.ceil(hi) - 1 if hi < edges[-1] else math.floor(hi))
-        if lo is None or lo > hi:
+        if lo is None or hi is None or lo > hi:
             if name in ranges:
                 lo, hi = ranges[name]
                 if kind == "integer":
@@ -791,10 +785,11 @@ def _column_note(spec: ColumnSpec, kind_source: str, binning: str | None = None,
     if spec.kind == "categorical":
         return ColumnNote(spec.name, spec.kind, kind_source, len(spec.categories) - int(spec.other),
                           "categories", spec.other, spec.missing, **budget)
+    assert spec.lo is not None and spec.hi is not None  # a numeric column
     per_integer = spec.kind == "integer" and spec.n_bins == spec.hi - spec.lo + 1  # every bin holds an integer
     if binning is None:
         binning = "one bin per integer" if per_integer else "equal width" if spec.edges == (
-            integer_edges(spec.lo, spec.hi, spec.n_bins) if spec.kind == "integer"
+            integer_edges(int(spec.lo), int(spec.hi), spec.n_bins) if spec.kind == "integer"
             else float_edges(spec.lo, spec.hi, spec.n_bins)) else "dp quantiles"
     return ColumnNote(spec.name, spec.kind, kind_source, spec.n_bins, binning, False, spec.missing, **budget)
 

@@ -22,7 +22,7 @@ module combines the two, AIM's way with the language model as the base distribut
    cell combinations a different pool did not contain.
 
 The noise standard deviation is planned before training from a share of the budget in zCDP terms
-(`noise_for_share`), so that DP-SGD's noise is calibrated for the whole ledger, marginals included.
+(`plan_budget`), so that DP-SGD's noise is calibrated for the whole ledger, marginals included.
 """
 
 from __future__ import annotations
@@ -35,26 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tramontane.accounting import ExponentialMechanismEvent, GaussianEvent, PrivacyEvent
+from tramontane.accounting import ExponentialMechanismEvent, GaussianEvent, PrivacyEvent, budget_rho
 from tramontane.dp.noise import SecureRandom
 from tramontane.synth.schema import Schema
 
 MARGINALS_LABEL = "marginals"
 SELECTION_LABEL = "marginal selection"
-
-
-def zcdp_rho(epsilon: float, delta: float) -> float:
-    """The rho whose zCDP guarantee converts to (epsilon, delta): epsilon = rho + 2 sqrt(rho ln(1/delta))
-    (Bun and Steinke 2016, Prop. 1.3). Used only to split a budget; the ledger's accountant composes."""
-    log_inv = math.log(1.0 / delta)
-    return (math.sqrt(log_inv + epsilon) - math.sqrt(log_inv)) ** 2
-
-
-def epsilon_after_share(epsilon: float, delta: float, share: float) -> float:
-    """The epsilon of what is left of (epsilon, delta)'s rho once `share` of it is spent (an estimate for
-    planning; the accountant calibrates exactly)."""
-    rho = (1.0 - share) * zcdp_rho(epsilon, delta)
-    return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
 
 @dataclass(frozen=True)
@@ -81,10 +67,11 @@ class MarginalBudget:
 
 def plan_budget(epsilon: float, delta: float, share: float, n_columns: int, rounds: int,
                 selection_share: float = 0.1) -> MarginalBudget:
-    """Split `share` of (epsilon, delta)'s zCDP rho: each measurement costs c = 1 / (2 sigma^2), each round's
-    selection `selection_share` of its round (epsilon_sel^2 / 8, the exponential mechanism's zCDP cost), so
-    d c + rounds c / (1 - selection_share) = share x rho (AIM's split of a round, McKenna et al. 2022)."""
-    rho = share * zcdp_rho(epsilon, delta)
+    """Split `share` of the budget's rho (`accounting.budget_rho`): each measurement costs c = 1 / (2 sigma^2),
+    each round's selection `selection_share` of its round (epsilon_sel^2 / 8, the exponential mechanism's
+    zCDP cost), so d c + rounds c / (1 - selection_share) = share x rho (AIM's split of a round, McKenna et
+    al. 2022)."""
+    rho = share * budget_rho(epsilon, delta)
     per_measurement = rho / (n_columns + rounds / (1.0 - selection_share))
     selection_rho = per_measurement * selection_share / (1.0 - selection_share)
     return MarginalBudget(math.sqrt(1.0 / (2.0 * per_measurement)), math.sqrt(8.0 * selection_rho) if rounds else 0.0,

@@ -104,11 +104,12 @@ def draft_schema(
     columns = list(columns)
     ranges = dict(ranges or {})
     kinds: dict[str, str] = {}
-    for kind, names in (("categorical", categorical), ("integer", integer), ("float", floats)):
+    for declared, names in (("categorical", categorical), ("integer", integer), ("float", floats)):
         for name in names:
-            if name in kinds and kinds[name] != kind:
-                raise SchemaError(f"column {name!r} is declared both {kinds[name]} and {kind}: choose one")
-            kinds[name] = kind
+            if name in kinds and kinds[name] != declared:
+                raise SchemaError(
+                    f"column {name!r} is declared both {kinds[name]} and {declared}: choose one")
+            kinds[name] = declared
     unknown = [n for n in [*kinds, *ranges] if n not in columns]
     if unknown:
         raise SchemaError(f"declared column(s) {sorted(set(unknown))} are not in the header; columns: {columns}")
@@ -119,7 +120,7 @@ def draft_schema(
             raise SchemaError(f"the range of column {name!r} needs finite LO <= HI, got {lo}:{hi}")
         if kinds[name] == "integer" and (lo != int(lo) or hi != int(hi)):
             raise SchemaError(f"column {name!r} is integer: its range needs whole numbers, got {lo}:{hi}")
-    out = []
+    out: list[dict[str, Any]] = []
     for name in columns:
         kind = kinds.get(name)
         if kind is None:

@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from tramontane.errors import ConfigError, DataError, PrivacyError, PrivacyParam
 from tramontane.files import SHAREABLE_MODE, write_dir_atomic, write_json_atomic
 from tramontane.models import ModelArgs, Transformer
 from tramontane.models.checkpoint import load_model, save_model
+from tramontane.models.transformer import TransformerBlock
 from tramontane.seeding import derived_seed, numpy_rng
 from tramontane.synth import marginals
 from tramontane.synth.codec import EncodedRows, TabularCodec
@@ -90,7 +91,7 @@ class SynthConfig:
     micro_batch_size: int = 1024
     augmentations: int = 1  # K column-permuted copies of a row inside its one clipped gradient
     permute_columns: bool = True
-    accountant: str = "rdp"
+    accountant: accounting.Accountant = "rdp"
     schema_budget_share: float = 0.3  # at most this share of rho and delta for a DP schema (1% a column)
     row_count_noise: float = 20.0  # std of the Gaussian noise on the released row count (sensitivity 1)
     temperature: float = 1.0
@@ -99,7 +100,7 @@ class SynthConfig:
     # the exponential mechanism (`selection_share` of its round) where the calibrated model is furthest off;
     # at most `marginal_groups` value groups per column in 1-way marginals, `pair_groups` in pairs,
     # `triple_groups` in triples; the tilt fitted on `pool_factor` x n model samples. 0 turns it off.
-    marginal_share: float = 0.3
+    marginal_share: float = 0.2
     marginal_rounds: int = 30
     selection_share: float = 0.1
     marginal_groups: int = 64
@@ -236,11 +237,12 @@ class RowObjective:
         ids = enc.example_ids if self.config.augmentations > 1 else None
         return enc, ids
 
-    def rows(self, indices) -> tuple[EncodedRows, torch.Tensor | None]:
+    def rows(self, indices: Sequence[int]) -> tuple[EncodedRows, torch.Tensor | None]:
         """The training rows at `indices`, encoded as `encode` does."""
         return self.encode(self.vids[np.asarray(indices, dtype=np.int64)])
 
     def losses(self, model: nn.Module, batch: EncodedRows) -> torch.Tensor:
+        assert isinstance(model, Transformer)
         ll = value_log_likelihood(model, self.codec, batch)
         # per-value mean, and the K copies of a row average rather than add up (AugMult)
         return -ll / (self.codec.n_columns * self.config.augmentations)
@@ -421,6 +423,7 @@ class Synthesizer:
             source = "public" if schema.private else "non-private"
         else:
             schema = self._infer_schema(df)
+            assert self.schema_inference is not None  # _infer_schema set it
             source = "dp" if self.schema_inference.private else "non-private"
         rows = schema.conform(df)  # row by row: rare values DP inference dropped take their rows along
         if len(rows) == 0:
@@ -433,7 +436,8 @@ class Synthesizer:
         if self.config.marginal_share > 0:
             budget = self._marginal_budget(len(schema))
             later = tuple(budget.events())
-            eps_train = marginals.epsilon_after_share(eps_train, self.delta, self.config.marginal_share)
+            eps_train = accounting.epsilon_of_rho((1.0 - self.config.marginal_share)
+                                                  * accounting.budget_rho(eps_train, self.delta), self.delta)
         batch, q, sigma = self._plan_batch(rows_dp, eps_train, self.delta, later)
         plan = _FitPlan(self._settings(), schema.to_dict(), source,
                         inference.epsilon if inference else 0.0, inference.delta if inference else 0.0,
@@ -519,13 +523,16 @@ class Synthesizer:
         rng = np.random.default_rng(self.seed)
         objective = RowObjective(codec, vids, c, rng)
 
-        evaluate = None
+        evaluate: Callable[[nn.Module], float] | None = None
         if test is not None:
             test_rows = schema.conform(test)
             test_enc = codec.encode(test_rows.iloc[:2000])  # schema order: comparable across runs
 
-            def evaluate(m: nn.Module) -> float:
+            def test_loss(m: nn.Module) -> float:
+                assert isinstance(m, Transformer)
                 return -float(value_log_likelihood(m, codec, test_enc).mean())
+
+            evaluate = test_loss
 
         train_config = TrainConfig(steps=c.steps, batch_size=plan.batch_size, sample_rate=plan.sample_rate,
                                    lr=c.lr, warmup_steps=c.warmup_steps, micro_batch_size=c.micro_batch_size,
@@ -566,6 +573,7 @@ class Synthesizer:
         the ledger. In a run folder the result is kept, so a resumed fit reuses it instead of measuring
         again."""
         c = self.config
+        assert self.schema is not None  # fit() set it before measuring
         path = run_dir / MARGINALS_FILE if run_dir is not None else None
         if path is not None and path.is_file():
             ms = MarginalSet.from_dict(json.loads(path.read_text()))
@@ -614,11 +622,13 @@ class Synthesizer:
         else:
             pool = self._model_ids(math.ceil(self.config.pool_factor * n), rng, batch_size)
             ids = marginals.resample(self.marginals, pool, n, rng)
+        assert self.schema is not None  # set with the model
         return self.schema.frame_from_value_ids(ids, rng)
 
     def log_likelihood(self, df: pd.DataFrame) -> np.ndarray:
         """Per-row log-likelihood (nats) of `df` under the model, columns in schema order."""
         model, codec = self._fitted()
+        assert self.schema is not None  # set with the model
         rows = self.schema.conform(df)
         out = []
         with torch.no_grad():
@@ -666,9 +676,12 @@ class Synthesizer:
                  "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
                  "ledger": self.ledger.to_dict(), "summary": asdict(self.summary) if self.summary else None}
 
+        schema = self.schema
+        assert schema is not None  # set with the model
+
         def write(folder: Path) -> None:
             save_model(model, folder / "model", format="consolidated")
-            self.schema.save(folder / "schema.json")
+            schema.save(folder / "schema.json")
             if self.marginals is not None:
                 (folder / MARGINALS_FILE).write_text(json.dumps(self.marginals.to_dict()))
             (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -705,6 +718,7 @@ class Synthesizer:
                               "again") from None
         synth.model, _ = load_model(directory / "model")
         synth.model.eval()
+        assert synth.schema is not None  # loaded above
         synth.codec = TabularCodec(synth.schema)
         if (directory / MARGINALS_FILE).is_file():
             try:
@@ -737,4 +751,5 @@ def _init_weights(model: Transformer) -> None:
             else:
                 p.normal_(0.0, 0.02)
         for layer in model.layers:
+            assert isinstance(layer, TransformerBlock)
             layer.attention.wo.weight.mul_(1 / math.sqrt(2 * len(model.layers)))

@@ -168,7 +168,7 @@ class ColumnSpec:
             object.__setattr__(self, "lo", lo)
             object.__setattr__(self, "hi", hi)
         if not self.edges:
-            edges = integer_edges(self.lo, self.hi) if self.kind == "integer" else float_edges(lo, hi)
+            edges = integer_edges(int(lo), int(hi)) if self.kind == "integer" else float_edges(lo, hi)
             object.__setattr__(self, "edges", edges)
         edges = tuple(float(e) for e in self.edges)
         fix = "fix the edges (or leave them out for the default equal-width bins)"
@@ -188,17 +188,23 @@ class ColumnSpec:
         if self.kind == "float" and (edges[1] <= lo or edges[-2] >= hi) and len(edges) > 2:
             raise SchemaError(f"{where}: the first and last bins must overlap [lo, hi]; {fix}")
 
+    def _range(self) -> tuple[float, float]:
+        """(lo, hi) of a numeric column."""
+        assert self.lo is not None and self.hi is not None, "only numeric columns have a range"
+        return self.lo, self.hi
+
     def _representatives(self) -> list[Any]:
         """The decoded value of each bin (None for an integer bin that holds no integer of [lo, hi])."""
         out: list[Any] = []
+        lo, hi = self._range()
         nb = len(self.edges) - 1
         for i, (a, b) in enumerate(zip(self.edges, self.edges[1:])):
             if self.kind == "integer":
-                first = max(math.ceil(a), self.lo)
-                last = min(math.floor(b) if i == nb - 1 else math.ceil(b) - 1, self.hi)
+                first = max(math.ceil(a), lo)
+                last = min(math.floor(b) if i == nb - 1 else math.ceil(b) - 1, hi)
                 out.append(math.ceil((first + last) / 2) if first <= last else None)
             else:
-                out.append((max(a, self.lo) + min(b, self.hi)) / 2)
+                out.append((max(a, lo) + min(b, hi)) / 2)
         return out
 
     @classmethod
@@ -264,12 +270,13 @@ class ColumnSpec:
         (low > high for a bin that holds none), the interval [low, high) of a float column's."""
         edges = np.asarray(self.edges, dtype=np.float64)
         a, b = edges[:-1], edges[1:]
+        lo, hi = self._range()
         if self.kind == "integer":
-            low = np.maximum(np.ceil(a), self.lo)
-            high = np.minimum(np.ceil(b) - 1, self.hi)
-            high[-1] = min(math.floor(b[-1]), self.hi)
+            low = np.maximum(np.ceil(a), lo)
+            high = np.minimum(np.ceil(b) - 1, hi)
+            high[-1] = min(math.floor(b[-1]), hi)
             return low, high
-        return np.maximum(a, self.lo), np.minimum(b, self.hi)
+        return np.maximum(a, lo), np.minimum(b, hi)
 
     def draw_values(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Numbers for value ids [N]: each drawn uniformly inside its bin (NaN for missing), so decoded numbers
@@ -343,7 +350,7 @@ class ColumnSpec:
         if not isinstance(data, Mapping):
             raise SchemaError(f"a column must be a mapping with name and kind, got {data!r}")
         known = {"name", "kind", "categories", "lo", "hi", "edges", "n_bins", "missing", "other"}
-        name = data.get("name")
+        name: Any = data.get("name")  # checked by __post_init__
         if TODO_KEY in data:
             raise SchemaError(
                 f"column {name!r} is still a placeholder ({TODO_KEY}: {data[TODO_KEY]}). Fix: fill it in from "
@@ -696,7 +703,7 @@ def _column_problems(spec: ColumnSpec, s: pd.Series, show_values: bool = False) 
     rows or counts them (`Schema.problems`)."""
     where = f"column {spec.name!r}"
 
-    def examples(values: Sequence[Any], count: int | None = None) -> str:
+    def examples(values: Sequence[Any] | np.ndarray, count: int | None = None) -> str:
         n = len(values) if count is None else count
         return f" ({n} distinct value(s), e.g. {_show(values)})" if show_values else ""
 

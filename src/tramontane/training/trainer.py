@@ -26,7 +26,7 @@ display only: it is not differentially private, so it is never stored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ class TrainConfig:
     noise_multiplier: float | None = None  # None: calibrate from target_epsilon
     target_epsilon: float | None = None
     delta: float | None = None
-    accountant: str = "rdp"
+    accountant: accounting.Accountant = "rdp"
     noise_seed: int | None = None  # None: noise and sampling from the OS CSPRNG (secure)
     # DP: a public q; the noisy sum is then divided by batch_size, not q N (N unused: it may be private)
     sample_rate: float | None = None
@@ -177,6 +177,8 @@ class Trainer:
                               "assumes this run is the only spend)")
         if self.step > 0:  # resumed: the sigma chosen at the start is in the saved config
             return float(self._saved_config["noise_multiplier_used"])
+        # a private run: __post_init__ checked delta and target_epsilon, __init__ set the sample rate
+        assert c.target_epsilon is not None and c.delta is not None and self.sample_rate is not None
         cal = accounting.calibrate_noise_multiplier(c.target_epsilon, c.delta, self.sample_rate, c.steps,
                                                     accountant=c.accountant)
         return cal.noise_multiplier
@@ -187,6 +189,7 @@ class Trainer:
         if not c.private or c.target_epsilon is None:
             return
         remaining = c.steps - self.step
+        assert c.delta is not None and self.sample_rate is not None and self.noise_multiplier is not None
         allowed = accounting.max_steps_within_budget(self.ledger, self.sample_rate, self.noise_multiplier,
                                                      c.target_epsilon, c.delta, c.accountant,
                                                      upper=max(remaining, 1), label=c.label)
@@ -250,14 +253,15 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.model, self.optimizer, state)
 
     # -- the loop -------------------------------------------------------------------------------------
-    def _private_batches(self, steps: int):
+    def _private_batches(self, steps: int) -> Iterator[list[int]]:
         # The seed reaches sampler and engine alike: each derives its own stream from it (purpose-labelled),
         # from this run's step index on, so a resumed run continues both streams.
+        assert self.sample_rate is not None
         sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=steps,
                                  seed=self.config.noise_seed, first_step=self.step)
         yield from sampler
 
-    def _plain_batches(self, steps: int):
+    def _plain_batches(self, steps: int) -> Iterator[list[int]]:
         gen = torch.Generator()
         gen.manual_seed(self.config.data_seed if self.config.data_seed is not None else torch.seed())
         size = min(self.config.batch_size, self.num_examples)
@@ -285,6 +289,7 @@ class Trainer:
         remaining = c.steps - self.step
         engine = None
         if c.private:
+            assert self.noise_multiplier is not None
             engine = DPEngine(self.model, max_grad_norm=c.max_grad_norm, noise_multiplier=self.noise_multiplier,
                               seed=c.noise_seed, first_step=self.step)
             batches = self._private_batches(remaining) if remaining > 0 else iter(())
@@ -296,6 +301,7 @@ class Trainer:
                 stopped = "privacy budget reached"
                 break
             if engine is not None:  # clipped sum + noise on .grad, as the engine's one DP step sets it
+                assert self.expected_batch_size is not None
                 loss = engine.step(self.objective, indices, expected_batch_size=self.expected_batch_size,
                                    micro_batch_size=c.micro_batch_size).mean
             else:
@@ -304,9 +310,11 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if c.private:
+                assert self.sample_rate is not None and self.noise_multiplier is not None
                 self.ledger.append(DpSgdEvent(self.sample_rate, self.noise_multiplier, 1, c.label))
             self.step += 1
-            info = {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0], "batch": float(len(indices))}
+            info = {"train_loss": loss, "lr": float(self.scheduler.get_last_lr()[0]),
+                    "batch": float(len(indices))}
             if self.evaluate is not None and c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
                 self.model.eval()
                 with torch.no_grad():
@@ -321,6 +329,7 @@ class Trainer:
         self.save()
         eps = None
         if c.private:
+            assert c.delta is not None
             eps = accounting.epsilon(self.ledger, c.delta, c.accountant) if len(self.ledger) else 0.0
             if c.target_epsilon is not None:
                 assert eps <= c.target_epsilon * (1 + 1e-9), "budget check failed"

@@ -166,7 +166,8 @@ def transcription_prompt(
     `language` is an ISO 639-1 code ("en"), or None to let the model find it.
     """
     try:
-        request = TranscriptionRequest(audio=_wav_bytes(audio), language=language)
+        # model_validate: pydantic turns the plain string into its language-code type
+        request = TranscriptionRequest.model_validate({"audio": _wav_bytes(audio), "language": language})
         tokenized = tokenizer.mistral.instruct_tokenizer.encode_transcription(request)
     except (MistralCommonException, ValueError, AssertionError, AttributeError) as exc:
         raise TokenizerError(

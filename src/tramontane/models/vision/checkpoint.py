@@ -15,6 +15,7 @@ import torch
 from tramontane.errors import CheckpointError, ConfigError
 from tramontane.models.args import ModelArgs
 from tramontane.models.checkpoint import (
+    Format,
     args_from_hf_config,
     assign_weights,
     hf_names,
@@ -85,7 +86,9 @@ def _consolidated_names(
 ) -> dict[str, str]:
     """HF key (on-disk or 5.x runtime spelling) -> consolidated name; `CheckpointError` for unknown keys."""
     ours = {disk: name for name, disk in hf_vision_names(args, vision_args).items()}
-    out, unknown, seen = {}, [], {}
+    out: dict[str, str] = {}
+    unknown: list[str] = []
+    seen: dict[str, str] = {}
     for key in hf_keys:
         name = ours.get(_hf_disk_name(key))
         if name is None:
@@ -229,6 +232,7 @@ def load_vision_language_model(
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     target_dtype = resolve_dtype(dtype)
+    fmt: Format
     if (path / "params.json").is_file():
         fmt = "consolidated"
         params = read_json_object(path / "params.json")

@@ -181,7 +181,9 @@ class VisionEncoder(nn.Module):
                                            torch.tensor([h * w for h, w in grids], device=device))
         mask = (image_of[:, None] == image_of[None, :])[None, None]  # 1 1 N N: block diagonal
         ctx = AttentionContext(cos, sin, mask)
-        for layer in self.transformer["layers"]:
+        layers = self.transformer["layers"]
+        assert isinstance(layers, nn.ModuleList)
+        for layer in layers:
             x = layer(x, ctx)
         return x[0]
 

@@ -78,10 +78,11 @@ def encode_image(
 
 def image_message(text: str, images: Sequence[Image | str | os.PathLike[str]]) -> Any:
     """A mistral_common user message: the images (read with `load_image`), then `text`."""
-    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from mistral_common.protocol.instruct.chunk import ContentChunk, ImageChunk, TextChunk
     from mistral_common.protocol.instruct.messages import UserMessage
 
-    return UserMessage(content=[ImageChunk(image=load_image(image)) for image in images] + [TextChunk(text=text)])
+    content: list[ContentChunk] = [ImageChunk(image=load_image(image)) for image in images]
+    return UserMessage(content=content + [TextChunk(text=text)])
 
 
 def encode_image_chat(
