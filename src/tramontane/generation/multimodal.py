@@ -8,7 +8,7 @@ sampling, stopping and batching are the text model's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,22 @@ def generate_with_embeddings(
     return generate(model, prompts, params, eos_id, chunk_size, prompt_embeddings=embeddings)
 
 
+def _checked_embeddings(model: VisionLanguageModel | Voxtral, prompts: Sequence[Sequence[int]],
+                        media: Sequence[Any], media_token_id: int, max_tokens: int) -> list[torch.Tensor]:
+    """The spliced input embeddings [T_i, dim] of each prompt with its media (images, or audio features),
+    after checking its token ids against the vocabulary and its length (with `max_tokens` to come and one
+    encoder output per media token) against the model's context."""
+    vocab = model.args.vocab_size
+    embeddings = []
+    for row, (prompt, item) in enumerate(zip(prompts, media)):
+        if any(not 0 <= t < vocab for t in prompt):
+            raise GenerationError(f"prompt {row} holds token ids outside the vocabulary [0, {vocab})")
+        model.check_context(len(prompt) + max_tokens, sum(1 for t in prompt if t == media_token_id))
+        tokens = torch.as_tensor(list(prompt), dtype=torch.long, device=model.device)[None]
+        embeddings.append(model.embed(tokens, item)[0])
+    return embeddings
+
+
 @torch.no_grad()
 def generate_with_images(
     model: VisionLanguageModel,
@@ -54,14 +70,7 @@ def generate_with_images(
     if len(images) != len(prompts):
         raise GenerationError(f"got {len(prompts)} prompt(s) but {len(images)} image list(s); pass one "
                               "(possibly empty) list of images per prompt")
-    image_id, vocab = model.vision_args.image_token_id, model.args.vocab_size
-    embeddings = []
-    for row, (prompt, prompt_images) in enumerate(zip(prompts, images)):
-        if any(not 0 <= t < vocab for t in prompt):
-            raise GenerationError(f"prompt {row} holds token ids outside the vocabulary [0, {vocab})")
-        model.check_context(len(prompt) + params.max_tokens, sum(1 for t in prompt if t == image_id))
-        tokens = torch.as_tensor(list(prompt), dtype=torch.long, device=model.device)[None]
-        embeddings.append(model.embed(tokens, prompt_images)[0])
+    embeddings = _checked_embeddings(model, prompts, images, model.vision_args.image_token_id, params.max_tokens)
     return generate_with_embeddings(model, prompts, embeddings, params, eos_id, chunk_size)
 
 
@@ -81,14 +90,7 @@ def generate_with_audio(
     if len(audio_features) != len(prompts):
         raise GenerationError(f"got {len(prompts)} prompt(s) but {len(audio_features)} audio feature "
                               "entries; pass one per prompt (None for a prompt without audio)")
-    audio_id, vocab = model.audio_token_id, model.args.vocab_size
-    embeddings = []
-    for row, (prompt, features) in enumerate(zip(prompts, audio_features)):
-        if any(not 0 <= t < vocab for t in prompt):
-            raise GenerationError(f"prompt {row} holds token ids outside the vocabulary [0, {vocab})")
-        model.check_context(len(prompt) + params.max_tokens, sum(1 for t in prompt if t == audio_id))
-        tokens = torch.as_tensor(list(prompt), dtype=torch.long, device=model.device)[None]
-        embeddings.append(model.embed(tokens, features)[0])
+    embeddings = _checked_embeddings(model, prompts, audio_features, model.audio_token_id, params.max_tokens)
     return generate_with_embeddings(model, prompts, embeddings, params, eos_id, chunk_size)
 
 
