@@ -96,7 +96,7 @@ class SynthConfig:
     row_count_noise: float = 20.0  # std of the Gaussian noise on the released row count (sensitivity 1)
     temperature: float = 1.0
     # Measured marginals that calibrate the model's samples (`marginals.py`): this share of the budget's
-    # zCDP rho buys every column's 1-way marginal and `marginal_rounds` more 2- or 3-way ones, each chosen by
+    # rho (`accounting.budget_rho`) buys every column's 1-way marginal and `marginal_rounds` more 2- or 3-way ones, each chosen by
     # the exponential mechanism (`selection_share` of its round) where the calibrated model is furthest off;
     # at most `marginal_groups` value groups per column in 1-way marginals, `pair_groups` in pairs,
     # `triple_groups` in triples; the tilt fitted on `pool_factor` x n model samples. 0 turns it off.
