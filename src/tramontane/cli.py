@@ -65,7 +65,8 @@ def _command_line_hint(err: TramontaneError) -> TramontaneError:
     return err
 
 
-def _load_model_and_tokenizer(model_dir: str, dtype: str | None) -> tuple[Transformer, Tokenizer]:
+def _load_model_and_tokenizer(model_dir: str, dtype: str | None,
+                              adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
     import torch
 
     from tramontane.models.checkpoint import load_model
@@ -73,7 +74,13 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None) -> tuple[Transf
 
     start = time.perf_counter()
     try:
-        model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+        if adapter is None:
+            model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+        else:
+            from tramontane.finetune.adapter import load_model_with_adapter
+
+            model, _ = load_model_with_adapter(model_dir, adapter,
+                                               dtype=getattr(torch, dtype) if dtype else None)
         tokenizer = Tokenizer.from_model_dir(model_dir)
     except TramontaneError as err:
         raise _command_line_hint(err)
@@ -83,7 +90,8 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None) -> tuple[Transf
             f"{model.args.vocab_size}: the directory mixes files of different models"
         )
     _stderr().print(f"loaded {model_dir} ({model.args.num_parameters() / 1e6:.1f}M parameters, "
-                    f"{tokenizer.version} tokenizer) in {time.perf_counter() - start:.2f} s")
+                    f"{tokenizer.version} tokenizer{f', LoRA adapter {adapter}' if adapter else ''}) in "
+                    f"{time.perf_counter() - start:.2f} s")
     return model, tokenizer
 
 
@@ -105,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args, logprobs=args.json)  # every option before the model
     if args.chunk_size is not None and args.chunk_size < 1:
         raise TramontaneError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter)
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -145,6 +153,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from tramontane.models.vision import VisionLanguageModel, encode_image_chat, image_message, load_image
 
     options = _sampling(args)  # every option and image before the model
+    if args.image and args.adapter:
+        raise TramontaneError("--adapter applies to text models; it cannot be combined with --image")
     model: Transformer
     if args.image:
         pictures = [load_image(path) for path in args.image]
@@ -153,7 +163,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except TramontaneError as exc:
             raise _command_line_hint(exc)
     else:
-        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype)
+        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter)
     messages: list[Any] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -244,6 +254,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill the prompt in chunks of N tokens")
     p.add_argument("--json", action="store_true", help="print tokens, text, logprobs as one JSON object")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout) on top of --model")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("transcribe", help="transcribe speech with a Voxtral model")
@@ -257,6 +268,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--image", action="append", default=[],
                    help="image file for the first message (repeatable; needs a Pixtral / Mistral-3 checkpoint)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout) on top of --model")
     p.set_defaults(func=cmd_chat)
 
 
@@ -919,6 +931,126 @@ def _add_audit_commands(sub: argparse._SubParsersAction) -> None:
 
 # -- entry point -------------------------------------------------------------------------------------------
 
+# -- private fine-tuning ----------------------------------------------------------------------------------
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """DP fine-tuning of a checkpoint on a JSONL of chats or text (`finetune.run`), or `finetune merge`."""
+    from tramontane.finetune.lora import LoraConfig
+    from tramontane.finetune.run import FinetuneConfig, finetune
+
+    if args.finetune_command == "merge":
+        return cmd_finetune_merge(args)
+    for name in ("model", "data", "out"):
+        if getattr(args, name) is None:
+            raise TramontaneError(f"tramontane finetune needs --{name}")
+    if args.epsilon is None and not args.non_private:
+        raise TramontaneError("tramontane finetune needs --epsilon (the privacy budget), or --non-private to "
+                              "train without differential privacy")
+    if args.epsilon is not None and args.non_private:
+        raise TramontaneError("--non-private trains without differential privacy: leave --epsilon out")
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    config = FinetuneConfig(
+        method=args.method, lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
+                                            dropout=args.lora_dropout, targets=targets),
+        base_dtype=args.base_dtype, private=not args.non_private, epsilon=args.epsilon,
+        delta=None if args.non_private else args.delta, privacy_unit=args.privacy_unit,
+        max_examples_per_user=args.max_examples_per_user, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size, noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
+        lr=args.lr, max_len=args.max_len, packing=args.packing, micro_batch_size=args.micro_batch_size,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, canaries=args.canaries,
+        canary_repetitions=tuple(int(r) for r in args.canary_repetitions.split(",")),
+        eval_every=args.eval_every)
+    err = _stderr()
+    try:
+        with _Progress("DP-SGD" if config.private else "training") as progress:
+            result = finetune(args.model, args.data, args.out, config, eval_data=args.eval,
+                              init_adapter=args.adapter, resume=args.resume, on_step=progress,
+                              on_phase=lambda text: err.print(text))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the checkpoints in {Path(args.out) / 'run'} carry the ledger of every step taken; "
+                  "continue with the same command and --resume")
+        raise
+    if result.statement is not None:
+        s = result.statement
+        err.print(f"privacy: epsilon {s.epsilon_rdp:.4g} (RDP) / {s.epsilon_pld:.4g} (PLD) at delta {s.delta:g}, "
+                  f"per {config.privacy_unit}; the ledger is in {result.weights_dir}")
+    else:
+        err.print("trained WITHOUT differential privacy")
+    if "heldout_loss" in result.holder:
+        err.print(f"held-out loss {result.holder['heldout_loss']:.4f}, perplexity "
+                  f"{result.holder['heldout_perplexity']:.4g} (data holder only)")
+    exposure = result.release.get("canary_exposure")
+    if exposure is not None:
+        summary = exposure["summary"]
+        for reps, row in summary["by_repetitions"].items():
+            err.print(f"canary exposure, {reps} repetition(s): median {row['median']:.2f} bits, max "
+                      f"{row['max']:.2f} of {summary['max_exposure']:.2f} ({row['canaries']} canaries)")
+    print(result.weights_dir)
+    return 0
+
+
+def cmd_finetune_merge(args: argparse.Namespace) -> int:
+    from tramontane.finetune.adapter import merge_adapter_checkpoint
+
+    _check_output(args.out, "--out", "folder", args.overwrite)
+    merge_adapter_checkpoint(args.model, args.adapter, args.out, format=args.format)
+    _stderr().print(f"wrote the merged checkpoint ({args.format}) to {args.out}")
+    return 0
+
+
+def _add_finetune_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="DP fine-tuning (LoRA or full) of a checkpoint on chats or text (JSONL)")
+    p.add_argument("--model", default=None, help="base checkpoint directory (consolidated or Hugging Face)")
+    p.add_argument("--data", default=None, help="training JSONL: {'messages': [...], 'tools': [...]} chats or "
+                   "{'text': ...} records, each with an optional 'user_id'")
+    p.add_argument("--out", default=None, help="run folder: adapter/ (PEFT layout + ledger), report/, run/")
+    p.add_argument("--eval", default=None, help="held-out JSONL: loss, perplexity, membership attack (data "
+                   "holder only)")
+    p.add_argument("--epsilon", type=float, default=None, help="privacy budget (the whole ledger)")
+    p.add_argument("--delta", type=float, default=1e-6)
+    p.add_argument("--non-private", action="store_true", help="train WITHOUT differential privacy")
+    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: twice the rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="attention", help="comma-separated: wq,wk,wv,wo,w1,w2,w3 or the "
+                   "groups attention, mlp, experts, all")
+    p.add_argument("--base-dtype", choices=("bfloat16", "float16"), default=None,
+                   help="keep the frozen base in this dtype (LoRA; adapters stay float32)")
+    p.add_argument("--adapter", default=None, help="continue this LoRA adapter (its ledger counts against "
+                   "--epsilon)")
+    p.add_argument("--privacy-unit", choices=("example", "user"), default="example",
+                   help="user: all of a user_id's examples are one unit, one clipped gradient per user")
+    p.add_argument("--max-examples-per-user", type=int, default=16)
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=None)
+    steps.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="expected batch of privacy units (default: the "
+                   "TAN rule)")
+    p.add_argument("--noise-multiplier", type=float, default=None, help="default: calibrated to --epsilon")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-len", type=int, default=512, help="tokens per training row")
+    p.add_argument("--packing", choices=("truncate", "split", "pack"), default="truncate",
+                   help="a longer example: truncated, split over rows, or packed with its unit's others")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--canaries", type=int, default=0, help="insert N random secrets and report their exposure")
+    p.add_argument("--canary-repetitions", default="1,10", help="comma-separated repetition counts")
+    p.add_argument("--seed", type=int, default=None, help="reproducible noise, sampling and canaries (NOT "
+                   "secure: the noise becomes predictable)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.set_defaults(func=cmd_finetune, finetune_command=None)
+    ft_sub = p.add_subparsers(dest="finetune_command")
+    merge = ft_sub.add_parser("merge", help="merge a LoRA adapter into its base: a full checkpoint")
+    merge.add_argument("--model", required=True, help="base checkpoint directory")
+    merge.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--format", choices=("hf", "consolidated"), default="hf")
+    merge.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tramontane", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
@@ -926,6 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_accounting_commands(sub)
     _add_synth_commands(sub)
+    _add_finetune_commands(sub)
     _add_audit_commands(sub)
     return parser
 

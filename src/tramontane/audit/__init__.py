@@ -11,6 +11,8 @@ Audits:
 - `membership` (no torch): loss-threshold and LiRA scores, ROC, exposure of inserted canaries;
 - `canife` (torch): canary crafting with a double backward and the replay of DP-SGD steps (Maddock,
   Sablayrolles and Stock, arXiv 2210.02912);
+- `exposure` (torch): secret-exposure canaries for language models (Carlini et al., "The secret sharer",
+  arXiv 1802.08232): canary formats and records, exact ranks or the skew-normal estimate;
 - `synth_audit` (torch): all of it on a fitted `Synthesizer`.
 Report: `card.privacy_card` and the plots.
 
@@ -43,7 +45,7 @@ from tramontane.audit.estimators import (
     empirical_epsilon,
     epsilon_from_rates,
 )
-from tramontane.audit.membership import AttackSummary, attack_summary, exposure, lira_scores, roc_curve
+from tramontane.audit.membership import AttackSummary, attack_summary, lira_scores, roc_curve
 from tramontane.audit.reconstruction import (
     ReconstructionBound,
     epsilon_delta_bound,
@@ -61,7 +63,7 @@ __all__ = [
     "ReconstructionBound",
     "advantage_from_epsilon_delta", "attack_summary", "bound_curves", "clopper_pearson", "compose_estimates",
     "confidence_bound", "confidence_from_epsilon_delta", "empirical_epsilon", "epsilon_delta_bound",
-    "epsilon_from_rates", "exposure", "fano_bound", "gaussian_noise_for_epsilon", "gaussian_simplex_success",
+    "epsilon_from_rates", "fano_bound", "gaussian_noise_for_epsilon", "gaussian_simplex_success",
     "gaussian_tv", "gdp_mu", "lira_scores", "mi_advantage_bound", "mi_advantage_gaussian", "mi_advantage_gdp",
     "mi_advantage_monte_carlo", "mi_advantage_one_step", "naive_advantage_bounds", "plot_bound_curves",
     "plot_roc", "privacy_card", "probability_preservation_bound", "pure_dp_bound", "rdp_bound",

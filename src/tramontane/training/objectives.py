@@ -23,14 +23,21 @@ class LanguageModelingObjective:
             multiplicity); the loop then samples examples and clips their rows together. Default: row = example.
         logit_mask: optional function (row indices [R'], inputs [R', T]) -> bool [R', T, V] of the tokens
             allowed at each position (constrained models); disallowed logits are set to -inf before the loss.
+        trim_padding: run each batch only up to its last labelled position (right-padded rows of different
+            lengths). A causal model's losses do not depend on later positions, so each row's loss is the
+            same; only the compute shrinks. Not with `logit_mask`, which is given whole rows.
     """
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, example_of_row: torch.Tensor | None = None,
-                 logit_mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 logit_mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 trim_padding: bool = False) -> None:
+        if trim_padding and logit_mask is not None:
+            raise DataError("trim_padding cannot be combined with a logit_mask (it is given whole rows)")
         if inputs.shape != labels.shape:
             raise DataError(f"inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} differ in shape: "
                             "give one label per input token (IGNORE_INDEX where none is scored)")
         self.inputs, self.labels, self.logit_mask = inputs, labels, logit_mask
+        self.trim_padding = trim_padding
         if example_of_row is None:
             self.rows_of_example = None
             self.num_examples = inputs.shape[0]
@@ -49,6 +56,10 @@ class LanguageModelingObjective:
 
     def losses(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         inputs, labels = self.inputs[batch], self.labels[batch]
+        if self.trim_padding and labels.numel():
+            scored_at = (labels != IGNORE_INDEX).any(0).nonzero()
+            width = int(scored_at.max()) + 1 if scored_at.numel() else 1
+            inputs, labels = inputs[:, :width], labels[:, :width]
         logits = model(inputs).float()
         if self.logit_mask is not None:
             logits = logits.masked_fill(~self.logit_mask(batch, inputs), float("-inf"))

@@ -65,12 +65,17 @@ def _param_index_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> di
 
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, keep: int = 2) -> Path:
-    """Write `run_dir/step-<7-digit step>/` and point `run_dir/latest` at it; keep the newest `keep` checkpoints."""
+                    state: TrainState, keep: int = 2, trainable_only: bool = False) -> Path:
+    """Write `run_dir/step-<7-digit step>/` and point `run_dir/latest` at it; keep the newest `keep` checkpoints.
+
+    `trainable_only` saves only the parameters that train (requires_grad), e.g. a LoRA adapter's and not the
+    frozen base it sits on: resuming then needs the same base, loaded by the caller."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{state.step:07d}"
-    weights = {n: p.detach().contiguous() for n, p in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: p.detach().contiguous() for n, p in model.state_dict().items()
+               if not trainable_only or n in trainable}
     # Tied parameters appear under several names; safetensors refuses shared storage, so clone.
     seen: set[int] = set()
     for name, tensor in weights.items():
@@ -80,6 +85,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     names = _param_index_names(model, optimizer)
     opt_tensors, opt_rest = _optimizer_tensors(optimizer, names)
     meta = {"format": META_FORMAT, "version": META_VERSION, "step": state.step,
+            "weights": "trainable" if trainable_only else "all",
             "ledger": state.ledger.to_dict(), "config": state.config, "history": state.history,
             "optimizer": opt_rest, "param_names": [names[i] for i in range(len(names))],
             "rng_state": state.rng_state.tolist() if state.rng_state is not None else None}
@@ -127,6 +133,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     except Exception as err:  # safetensors raises several types for truncated or corrupt files
         raise CheckpointError(f"cannot read the tensors of {path}: {err}") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
+    if meta.get("weights") == "trainable":  # the frozen parameters are the caller's (the same base)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [n for n in missing if n in trainable]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

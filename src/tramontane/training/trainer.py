@@ -142,12 +142,13 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, num_examples: int, config: TrainConfig,
                  run_dir: str | Path | None = None, ledger: PrivacyLedger | None = None,
                  evaluate: Callable[[nn.Module], float] | None = None,
-                 on_step: StepCallback | None = None) -> None:
+                 on_step: StepCallback | None = None, save_frozen: bool = True) -> None:
         if num_examples < 1:
             raise ConfigError("cannot train on an empty dataset")
         self.model, self.objective, self.num_examples, self.config = model, objective, num_examples, config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluate, self.on_step = evaluate, on_step
+        self.save_frozen = save_frozen  # False: checkpoints hold the trained parameters only (an adapter's)
         self.ledger = ledger if ledger is not None else PrivacyLedger()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
@@ -250,7 +251,8 @@ class Trainer:
         if self.run_dir is None:
             return None
         state = TrainState(self.step, self.ledger, self._config_record(), self.history, torch.get_rng_state())
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, state)
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, state,
+                               trainable_only=not self.save_frozen)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _private_batches(self, steps: int) -> Iterator[list[int]]:
