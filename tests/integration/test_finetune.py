@@ -181,3 +181,35 @@ def test_cli_generate_and_merge_take_the_adapter(model_dir: Path, data: tuple[Pa
     assert main(["generate", "--model", str(tmp_path / "merged"), "--prompt", "Hi", "--max-tokens", "4",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == with_adapter
+
+
+def _tool_chat(i: int) -> dict:
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    call = {"id": f"call{i:05d}", "type": "function",
+            "function": {"name": "add", "arguments": json.dumps({"a": i, "b": i})}}
+    return {"tools": tools, "messages": [
+        {"role": "user", "content": f"Add {i} and {i}."},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "name": "add", "content": str(2 * i)},
+        {"role": "assistant", "content": f"The sum is {2 * i}."}]}
+
+
+def test_full_finetune_on_agent_trajectories(model_dir: Path, tmp_path: Path) -> None:
+    train = tmp_path / "tools.jsonl"
+    train.write_text("".join(json.dumps(_tool_chat(i)) + "\n" for i in range(12)))
+    result = finetune(model_dir, train, tmp_path / "run", _config(method="full", steps=2, batch_size=4,
+                                                                  max_len=256))
+    assert result.weights_dir.name == "model"
+    record = read_privacy(result.weights_dir)
+    assert record["privacy_unit"] == "example"
+    assert accounting.epsilon(record["ledger"], 1e-5) <= 4.0 * (1 + 1e-6)
+    from tramontane.models.checkpoint import load_model
+    from tramontane.tokenizer import Tokenizer
+
+    trained, _ = load_model(result.weights_dir)
+    base, _ = load_model(model_dir)
+    moved = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert moved  # every weight trains
+    assert Tokenizer.from_model_dir(result.weights_dir).version == Tokenizer.from_model_dir(model_dir).version

@@ -46,6 +46,13 @@ FORBIDDEN = [
     ("tramontane.accounting", "tramontane.report"),
     ("tramontane.accounting", "tramontane.training"),
     ("tramontane.accounting", "tramontane.models"),
+    # fine-tuning sits on top of models, dp, training and audit; none of them knows about it
+    ("tramontane.models", "tramontane.finetune"),
+    ("tramontane.dp", "tramontane.finetune"),
+    ("tramontane.training", "tramontane.finetune"),
+    ("tramontane.audit", "tramontane.finetune"),
+    ("tramontane.generation", "tramontane.finetune"),
+    ("tramontane.finetune", "tramontane.synth"),
 ]
 
 
