@@ -161,13 +161,24 @@ def run_child(cmd: list[str], max_seconds: float, log_path: Path) -> dict:
             "returncode": proc.returncode, "timed_out": timed_out}
 
 
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def fit_and_sample(job: dict, schema, train: pd.DataFrame):
     """(synthesizer, as many sampled rows as `train`, fit seconds, sample seconds) with `SynthConfig()`, the
     defaults `tramontane synth` uses; `schema` None infers it with DP inside the same budget."""
     from tramontane.synth.synthesizer import SynthConfig, Synthesizer
 
     start = time.perf_counter()
-    synth = Synthesizer(schema, job["epsilon"], job["delta"], SynthConfig(), seed=job["seed"]).fit(train)
+    config = SynthConfig(**job.get("synth_config", {}))  # `--set`: an ablation; default: the defaults
+    synth = Synthesizer(schema, job["epsilon"], job["delta"], config, seed=job["seed"]).fit(train)
     fit_s = time.perf_counter() - start
     sample = synth.sample(len(train), seed=job["seed"])
     return synth, sample, fit_s, time.perf_counter() - start - fit_s
@@ -253,6 +264,7 @@ def run_method(method: str, epsilon: float, args, schema, train, pgm_python: Pat
     job_dir = work / f"{method}-eps{epsilon:g}"
     job_dir.mkdir(parents=True, exist_ok=True)
     job = {"method": method, "epsilon": epsilon, "delta": DELTA, "seed": args.seed, "rows": args.rows,
+           "synth_config": args.synth_config,
            "dataset": args.dataset}
     if method in WORKERS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_dir)]
@@ -456,6 +468,9 @@ def main() -> None:
                         f"{', '.join(OPTIONAL_METHODS)} only when listed")
     p.add_argument("--rows", type=int, default=None, help="seeded subsample of the private table (quick runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="synth_config", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="an ablation: override one SynthConfig field for tramontane's runs (repeatable; the "
+                        "value is read as JSON, else as a string), e.g. --set steps=200 --set accountant=pld")
     p.add_argument("--max-minutes", type=float, default=60.0, help="kill one method's run after this long")
     p.add_argument("--aim-rounds", type=int, default=DEFAULT_AIM_ROUNDS,
                    help="AIM's rounds (sets its per-measurement budget); 0: snsynth's default, 16 x columns")
@@ -472,6 +487,7 @@ def main() -> None:
         return
     if args.aim_rounds < 0:
         p.error("--aim-rounds must be >= 0")
+    args.synth_config = dict(args.synth_config)
     methods = [FLOOR] + [m for m in dict.fromkeys(args.methods) if m != FLOOR]  # the floor first, always
 
     from tramontane.report.metrics import MarginalBins

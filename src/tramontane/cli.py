@@ -239,6 +239,42 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server (`vllm serve`'s counterpart) on one checkpoint."""
+    import os
+
+    try:
+        import uvicorn
+
+        from tramontane.serve.app import create_app
+    except ImportError as err:
+        raise TramontaneError(f"tramontane serve needs FastAPI and uvicorn ({err.name} is missing): "
+                              "pip install 'tramontane[serve]'") from None
+    from tramontane.serve.engine import EngineConfig
+    from tramontane.serve.loading import load_served_model
+
+    try:  # every option before the model
+        config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue)
+    except TramontaneError as err:
+        message = str(err)
+        for name in ("max_batch", "max_model_len", "max_queue"):
+            message = message.replace(f"EngineConfig.{name}", f"--{name.replace('_', '-')}")
+        raise TramontaneError(message) from None
+    start = time.perf_counter()
+    try:
+        served = load_served_model(args.model, args.adapter, dtype=args.dtype, name=args.served_model_name)
+    except TramontaneError as err:
+        raise _command_line_hint(err)
+    api_key = args.api_key or os.environ.get("TRAMONTANE_API_KEY") or None
+    app = create_app(served, engine_config=config, api_key=api_key, allow_remote_media=args.allow_remote_media)
+    _stderr().print(f"loaded {args.model} ({served.kind}, {served.tokenizer.version} tokenizer"
+                    f"{', DP ledger' if served.privacy else ''}) in {time.perf_counter() - start:.2f} s; serving "
+                    f"{served.name!r} on http://{args.host}:{args.port}/v1"
+                    f"{' (API key required)' if api_key else ''}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser, temperature: float) -> None:
         p.add_argument("--model", required=True, help="checkpoint directory (consolidated or Hugging Face)")
@@ -270,6 +306,25 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="image file for the first message (repeatable; needs a Pixtral / Mistral-3 checkpoint)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout) on top of --model")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, transcriptions)")
+    p.add_argument("--model", required=True, help="checkpoint directory: text, Mixtral, Pixtral / Mistral 3 or "
+                   "Voxtral (consolidated or Hugging Face)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout) on top of --model; its "
+                   "DP ledger is shown at /v1/models")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
+                   "--model folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
+                   "/health (default: $TRAMONTANE_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + completion tokens per request")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that answer 429")
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off: only "
+                   "data: URLs, so the server never fetches what a client names)")
+    p.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's dtype")
+    p.set_defaults(func=cmd_serve)
 
 
 # -- privacy accounting -----------------------------------------------------------------------------------

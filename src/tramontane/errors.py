@@ -27,6 +27,18 @@ class GenerationError(TramontaneError, ValueError):
     """A generation request is invalid (empty prompt, prompt too long, bad sampling parameters)."""
 
 
+class PromptTooLongError(GenerationError):
+    """A prompt plus its `max_tokens` do not fit the model length the server allows (HTTP 400)."""
+
+
+class QueueFullError(TramontaneError, RuntimeError):
+    """The inference engine's waiting queue is full; retry later (HTTP 429). Not the request's fault."""
+
+
+class EngineStoppedError(TramontaneError, RuntimeError):
+    """The inference engine was shut down and takes no more requests (HTTP 503)."""
+
+
 class PrivacyError(TramontaneError):
     """Base class of errors about differential-privacy parameters and budgets."""
 

@@ -54,6 +54,17 @@ def _checked_embeddings(model: VisionLanguageModel | Voxtral, prompts: Sequence[
 
 
 @torch.no_grad()
+def prompt_embeddings(model: VisionLanguageModel | Voxtral, prompt: Sequence[int], media: Any,
+                      max_tokens: int) -> torch.Tensor:
+    """The input embeddings [T, dim] of one prompt with its media spliced in: its images (a list of [C, H, W]
+    tensors) for a `VisionLanguageModel`, its audio features (log-mel chunks [N, mel, frames], or None) for a
+    `Voxtral`. Checks as `generate_with_images` / `generate_with_audio` do, for `max_tokens` to come; for
+    callers that run the decoder themselves (e.g. the serving engine)."""
+    token_id = model.vision_args.image_token_id if isinstance(model, VisionLanguageModel) else model.audio_token_id
+    return _checked_embeddings(model, [prompt], [media], token_id, max_tokens)[0]
+
+
+@torch.no_grad()
 def generate_with_images(
     model: VisionLanguageModel,
     prompts: Sequence[Sequence[int]],
@@ -112,4 +123,5 @@ def transcribe(
     return tokenizer.decode(completion.tokens)
 
 
-__all__ = ["generate_with_audio", "generate_with_embeddings", "generate_with_images", "transcribe"]
+__all__ = ["generate_with_audio", "generate_with_embeddings", "generate_with_images", "prompt_embeddings",
+           "transcribe"]

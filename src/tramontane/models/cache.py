@@ -46,13 +46,29 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
+        size = self.size_for(args, max_seq_len)
+        shape = (batch_size, args.n_kv_heads, size, args.head_dim)
+        self._adopt([torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)],
+                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)])
+
+    @staticmethod
+    def size_for(args: ModelArgs, max_seq_len: int) -> int:
+        """Slots per sequence: the sliding window, or `max_seq_len` when it is shorter or there is none."""
         window = args.sliding_window
-        self.size = min(window, max_seq_len) if window is not None else max_seq_len
-        shape = (batch_size, args.n_kv_heads, self.size, args.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.positions = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
-        self.batch_size = batch_size
+        return min(window, max_seq_len) if window is not None else max_seq_len
+
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        """An empty cache over given buffers [B, K, size, D] per layer (the serving engine passes views of
+        its pool); their contents are never read before this cache writes them."""
+        cache = cls.__new__(cls)
+        cache._adopt(keys, values)
+        return cache
+
+    def _adopt(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+        self.batch_size, _, self.size, _ = keys[0].shape
+        self.positions = torch.full((self.batch_size, self.size), -1, dtype=torch.long, device=keys[0].device)
         self.filled = 0  # slots [filled, size) have never been written
 
     def plan(self, positions: torch.Tensor) -> CacheStep:

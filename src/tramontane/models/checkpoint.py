@@ -164,6 +164,32 @@ def detect_format(path: str | Path, format: Format | None = None) -> Format:
     )
 
 
+Kind = Literal["text", "vision", "audio"]
+_HF_KINDS: dict[str, Kind] = {"llava": "vision", "mistral3": "vision", "voxtral": "audio"}
+_HF_KIND_ARCHITECTURES: dict[str, Kind] = {"LlavaForConditionalGeneration": "vision",
+                                           "Mistral3ForConditionalGeneration": "vision",
+                                           "VoxtralForConditionalGeneration": "audio"}
+
+
+def detect_kind(path: str | Path, format: Format | None = None) -> Kind:
+    """Which network a checkpoint directory holds, from its config alone: "text" (Mistral, Mixtral:
+    `load_model`), "vision" (Pixtral, Mistral Small 3.1: `models.vision.load_vision_language_model`) or
+    "audio" (Voxtral: `models.audio.load_voxtral`). Errors as `detect_format`'s."""
+    path = Path(path)
+    if detect_format(path, format) == "consolidated":
+        params = read_json_object(path / "params.json")
+        multimodal = params.get("multimodal")
+        if "vision_encoder" in params or (isinstance(multimodal, dict) and "vision_encoder_args" in multimodal):
+            return "vision"
+        return "audio" if isinstance(multimodal, dict) else "text"
+    config = read_json_object(path / "config.json")
+    kind = _HF_KINDS.get(str(config.get("model_type")))
+    if kind is not None:
+        return kind
+    archs = config.get("architectures") or []
+    return next((_HF_KIND_ARCHITECTURES[a] for a in archs if a in _HF_KIND_ARCHITECTURES), "text")
+
+
 def load_args(path: str | Path, *, format: Format | None = None) -> ModelArgs:
     """The `ModelArgs` of a checkpoint directory, from params.json or config.json."""
     path = Path(path)
@@ -561,7 +587,7 @@ def _check_format(format: str) -> Format:
 
 
 __all__ = [
-    "FORMATS", "Format", "args_from_hf_config", "args_to_hf_config", "consolidated_to_hf", "detect_format",
-    "hf_names", "hf_to_consolidated", "load_args", "load_model", "permute_from_hf", "permute_to_hf",
+    "FORMATS", "Format", "Kind", "args_from_hf_config", "args_to_hf_config", "consolidated_to_hf", "detect_format",
+    "detect_kind", "hf_names", "hf_to_consolidated", "load_args", "load_model", "permute_from_hf", "permute_to_hf",
     "read_state_dict", "save_model",
 ]

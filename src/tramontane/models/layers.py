@@ -6,6 +6,7 @@ without renaming.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,15 +101,38 @@ class Attention(nn.Module):
         k = apply_rotary(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # B H T D, B K T D
-        if ctx.cache is not None:
-            assert ctx.cache_step is not None and ctx.layer is not None
-            k, v = ctx.cache.update(ctx.layer, k, v, ctx.cache_step)
-        if t == 1:
-            out = _single_query_attention(q, k, v, ctx.mask)
+        if ctx.core is not None:
+            assert ctx.layer is not None
+            out = ctx.core(q, k, v, ctx.layer)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
-                                                 enable_gqa=True)
+            out = attention_core(q, k, v, ctx)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v through `ctx`'s cache and mask: q [B, H, T, D], k/v [B, K, T, D] (this
+    call's keys and values, already rotated) -> [B, H, T, D]."""
+    if ctx.cache is not None:
+        assert ctx.cache_step is not None and ctx.layer is not None
+        k, v = ctx.cache.update(ctx.layer, k, v, ctx.cache_step)
+    if q.shape[2] == 1:
+        return _single_query_attention(q, k, v, ctx.mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal, enable_gqa=True)
+
+
+def cache_mask(positions: torch.Tensor, step: CacheStep, sliding_window: int | None
+               ) -> tuple[torch.Tensor | None, bool]:
+    """(mask, causal) of a forward call over tokens at `positions` [B, T] through a cache planned as `step`:
+    no mask where none is needed, SDPA's causal mask where it is exact, else `attention_mask`."""
+    t = positions.shape[1]
+    within_window = sliding_window is None or t <= sliding_window
+    if step.write_first and bool((step.key_positions >= 0).all()):
+        # One new token per sequence over a full cache: every cached key is real, in the past and
+        # (rolling buffer of size <= window) inside the window, so nothing needs masking.
+        return None, False
+    if step.read_len == 0 and bool((positions >= 0).all()) and within_window:
+        return None, True
+    return attention_mask(positions, step.key_positions, sliding_window), False
 
 
 @dataclass
@@ -122,3 +146,7 @@ class AttentionContext:
     cache: KVCache | None = None
     cache_step: CacheStep | None = None
     layer: int | None = None
+    # Continuous batching (serve/engine.py) flattens the tokens of many sequences into one row set [1, N]
+    # so that every per-token op runs on them together; this callable then does the attention core of each
+    # sequence against its own cache: (q [1, H, N, D], k [1, K, N, D], v, layer) -> [1, H, N, D].
+    core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None

@@ -9,7 +9,14 @@ from torch import nn
 
 from tramontane.models.args import ModelArgs
 from tramontane.models.cache import KVCache
-from tramontane.models.layers import Attention, AttentionContext, FeedForward, RMSNorm, attention_mask
+from tramontane.models.layers import (
+    Attention,
+    AttentionContext,
+    FeedForward,
+    RMSNorm,
+    attention_mask,
+    cache_mask,
+)
 from tramontane.models.moe import MoeLayer
 from tramontane.models.rope import inverse_frequencies, rotary_angles
 
@@ -90,22 +97,14 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = rotary_angles(positions.clamp(min=0), self.inverse_frequencies(tokens.device))
         window = self.args.sliding_window
-        no_padding = bool((positions >= 0).all())
         if cache is None:
             # Without padding and within the window, SDPA's built-in causal mask is exact and faster.
-            causal = no_padding and (window is None or t <= window)
+            causal = bool((positions >= 0).all()) and (window is None or t <= window)
             mask = None if causal else attention_mask(positions, positions, window)
             ctx = AttentionContext(cos, sin, mask, causal)
         else:
             step = cache.plan(positions)
-            if step.write_first and bool((step.key_positions >= 0).all()):
-                # One new token per sequence over a full cache: every cached key is real, in the past and
-                # (rolling buffer of size <= window) inside the window, so nothing needs masking.
-                mask, causal = None, False
-            elif step.read_len == 0 and no_padding and (window is None or t <= window):
-                mask, causal = None, True
-            else:
-                mask, causal = attention_mask(positions, step.key_positions, window), False
+            mask, causal = cache_mask(positions, step, window)
             ctx = AttentionContext(cos, sin, mask, causal, cache, step)
         h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         for i, layer in enumerate(self.layers):

@@ -26,6 +26,7 @@ from tramontane.models.audio.network import (
 from tramontane.models.audio.preprocess import (
     audio_chunk,
     audio_features,
+    decode_audio,
     load_audio,
     log_mel_spectrogram,
     transcription_prompt,
@@ -33,6 +34,7 @@ from tramontane.models.audio.preprocess import (
 
 __all__ = [
     "AUDIO_TOKEN_ID", "AudioEmbedder", "AudioEncoderArgs", "Voxtral", "WhisperEncoder",
-    "args_from_hf_voxtral_config", "audio_chunk", "audio_features", "hf_voxtral_names", "load_audio",
+    "args_from_hf_voxtral_config", "audio_chunk", "audio_features", "decode_audio", "hf_voxtral_names",
+    "load_audio",
     "load_voxtral", "log_mel_spectrogram", "sinusoidal_positions", "transcription_prompt",
 ]

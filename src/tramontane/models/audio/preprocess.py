@@ -65,6 +65,20 @@ def load_audio(path: str | os.PathLike[str], sampling_rate: int = 16_000) -> Aud
     return _resampled(audio, sampling_rate, str(path))
 
 
+def decode_audio(data: bytes, what: str = "the audio", sampling_rate: int = 16_000) -> Audio:
+    """`load_audio` for the bytes of an audio file (an upload, a base64 payload): mono float32 at
+    `sampling_rate`; `DataError` naming `what` if they do not decode."""
+    _require_audio_extras()
+    try:
+        audio = Audio.from_bytes(data, strict=False)
+    except (RuntimeError, ValueError, TypeError, AssertionError, OSError, EOFError) as exc:
+        raise DataError(f"cannot decode {what} as audio ({type(exc).__name__}: {exc}); "
+                        "send a WAV, FLAC, OGG or MP3 file") from exc
+    if audio.audio_array.size == 0:
+        raise DataError(f"{what} holds no audio samples")
+    return _resampled(audio, sampling_rate, what)
+
+
 def audio_chunk(audio: Audio) -> AudioChunk:
     """A mistral_common `AudioChunk` for a chat message that keeps the samples exactly (float32 WAV);
     `AudioChunk.from_audio` writes 16-bit PCM, which rounds what the model hears."""
@@ -177,4 +191,4 @@ def transcription_prompt(
     return list(tokenized.tokens), tokenized.audios[0]
 
 
-__all__ = ["audio_chunk", "audio_features", "load_audio", "log_mel_spectrogram", "transcription_prompt"]
+__all__ = ["audio_chunk", "audio_features", "decode_audio", "load_audio", "log_mel_spectrogram", "transcription_prompt"]
