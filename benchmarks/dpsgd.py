@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 
 MODES = ("nonprivate", "tramontane", "opacus_hooks", "opacus_ghost")
 SEQ = 128
@@ -71,19 +70,10 @@ def build(mode: str, batch: int):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
+        from _opacus import make_private
 
-        warnings.filterwarnings("ignore")
-        loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch)
-        grad_sample_mode = mode.removeprefix("opacus_")
-        made = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=False, grad_sample_mode=grad_sample_mode, criterion=nn.CrossEntropyLoss())
-        if grad_sample_mode == "ghost":
-            wrapped, dp_optimizer, criterion, _ = made
-        else:
-            (wrapped, dp_optimizer, _), criterion = made, nn.CrossEntropyLoss()
+        wrapped, dp_optimizer, criterion, grad_sample_mode = make_private(
+            model, optimizer, inputs, targets, batch, mode)
         other = sorted({type(m).__name__ for m in wrapped.modules()
                         if any(p.requires_grad for p in m.parameters(recurse=False))
                         and type(m) not in (nn.Linear, nn.Embedding)})
