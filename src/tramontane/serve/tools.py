@@ -196,6 +196,29 @@ def merge_calls(deltas: Iterable[CallDelta]) -> list[ParsedCall]:
     return [calls[i] for i in sorted(calls)]
 
 
+class _JsonStrings:
+    """Whether JSON text read one character at a time is inside a string literal (escapes honoured)."""
+
+    def __init__(self) -> None:
+        self.inside = False
+        self._escape = False
+
+    def step(self, char: str) -> bool:
+        """Read `char`; True when it is part of a string literal, its quotes included (no structure)."""
+        if self.inside:
+            if self._escape:
+                self._escape = False
+            elif char == "\\":
+                self._escape = True
+            elif char == '"':
+                self.inside = False
+            return True
+        if char == '"':
+            self.inside = True
+            return True
+        return False
+
+
 class _JsonValue:
     """Finds where one JSON value ends in streamed text: `feed` returns the part of the text that belongs to
     the value (leading whitespace dropped); `done` once its closing bracket came. A value that does not start
@@ -206,8 +229,7 @@ class _JsonValue:
         self.done = False
         self._bracketed = False
         self._depth = 0
-        self._in_string = False
-        self._escape = False
+        self._strings = _JsonStrings()
 
     def feed(self, text: str) -> str:
         if self.done:
@@ -220,16 +242,9 @@ class _JsonValue:
         if not self._bracketed:
             return text
         for i, char in enumerate(text):
-            if self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif char == "\\":
-                    self._escape = True
-                elif char == '"':
-                    self._in_string = False
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
+            if self._strings.step(char):
+                continue
+            if char in "{[":
                 self._depth += 1
             elif char in "}]":
                 self._depth -= 1
@@ -263,7 +278,7 @@ class _JsonCalls:
         self.status = "start"  # start -> list -> done, or "content" (not a call list)
         self.named_calls = 0  # calls whose name was read
         self._depth = 0
-        self._in_string = self._escape = False
+        self._strings = _JsonStrings()
         self._state = self.EXPECT_KEY
         self._key = ""
         self._start = 0  # of the key or value being read
@@ -298,25 +313,19 @@ class _JsonCalls:
                 self._depth = 1
                 return
             self._depth = 1  # a bare object: a list of one
-        if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif char == "\\":
-                self._escape = True
-            elif char == '"':
-                self._in_string = False
+        was_inside = self._strings.inside
+        if self._strings.step(char):
+            if was_inside and not self._strings.inside:  # the string just closed
                 if self._depth == 2 and self._state == self.IN_KEY:
                     self._key = _loads_str(self.text[self._start: self._pos + 1]) or ""
                     self._state = self.EXPECT_COLON
                 elif self._depth == 2 and self._state == self.IN_VALUE and self._value_depth == 0:
                     self._value_done(self._pos + 1, out)
-            return
-        if char == '"':
-            self._in_string = True
-            if self._depth == 2 and self._state == self.EXPECT_KEY:
-                self._state, self._start = self.IN_KEY, self._pos
-            elif self._depth == 2 and self._state == self.EXPECT_VALUE:
-                self._begin_value(scalar=False)
+            elif not was_inside:  # the string just opened
+                if self._depth == 2 and self._state == self.EXPECT_KEY:
+                    self._state, self._start = self.IN_KEY, self._pos
+                elif self._depth == 2 and self._state == self.EXPECT_VALUE:
+                    self._begin_value(scalar=False)
             return
         if char in "{[":
             if self._depth == 1 and char == "{":
