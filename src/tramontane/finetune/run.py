@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tramontane import accounting
@@ -62,7 +61,7 @@ from tramontane.finetune.lora import LoraConfig, add_lora
 from tramontane.models.checkpoint import load_model, save_model
 from tramontane.seeding import numpy_rng, seed_for
 from tramontane.tokenizer import Tokenizer
-from tramontane.training.objectives import IGNORE_INDEX, LanguageModelingObjective
+from tramontane.training.objectives import IGNORE_INDEX, LanguageModelingObjective, token_losses
 from tramontane.training.state import latest_checkpoint
 from tramontane.training.trainer import StepCallback, TrainConfig, Trainer
 
@@ -292,7 +291,7 @@ def row_losses(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
         scored = y != IGNORE_INDEX
         width = int(scored.any(0).nonzero().max()) + 1 if scored.any() else 1
         x, y, scored = x[:, :width], y[:, :width], scored[:, :width]
-        loss = F.cross_entropy(model(x).float().transpose(1, 2), y.clamp(min=0), reduction="none")
+        loss = token_losses(model(x).float(), y)
         sums.append((loss * scored).sum(-1).double().numpy())
         counts.append(scored.sum(-1).numpy())
     if not sums:
