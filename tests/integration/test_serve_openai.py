@@ -40,6 +40,7 @@ from tests.integration.serve_fixtures import (  # noqa: F401 - one_torch_thread 
 from tests.unit.test_audio import SR, audio_tokenizer, tiny_voxtral, tone, write_consolidated  # noqa: F401
 from tests.unit.test_vision import random_vlm, tiny_text_args, tiny_vision_args
 from tramontane.accounting import DpSgdEvent, PrivacyLedger, PrivacyStatement
+from tramontane.errors import CheckpointError
 from tramontane.finetune.adapter import save_adapter
 from tramontane.finetune.lora import LoraConfig, add_lora
 from tramontane.finetune.run import PRIVACY_FILE, FinetuneConfig, privacy_record
@@ -304,6 +305,8 @@ def test_an_image_through_a_tiny_pixtral(tmp_path: Path) -> None:
     picture.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
+    with pytest.raises(CheckpointError, match="load_vision_language_model"):
+        load_model(path)  # the text-only loader names the right one
     served = load_served_model(path)
     assert served.kind == "vision"
     with LiveServer(create_app(served, engine_config=EngineConfig(max_model_len=512))) as server:
@@ -328,6 +331,8 @@ def test_a_transcription_by_a_tiny_voxtral(audio_tokenizer, tmp_path: Path) -> N
     model = tiny_voxtral(vocab_size=audio_tokenizer.vocab_size, seed=3)
     path = write_consolidated(model, tmp_path / "voxtral")
     shutil.copy(audio_tokenizer.path, path / "tekken.json")
+    with pytest.raises(CheckpointError, match="load_voxtral"):
+        load_model(path)
     wav = tmp_path / "speech.wav"
     soundfile.write(wav, tone(3.0), SR, subtype="FLOAT")
     served = load_served_model(path)

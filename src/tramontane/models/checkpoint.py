@@ -85,6 +85,11 @@ def load_model(
     """
     path = Path(path)
     fmt = detect_format(path, format)
+    kind = detect_kind(path, fmt)
+    if kind != "text":
+        loader = _MULTIMODAL_LOADERS[kind]
+        raise CheckpointError(f"{path} holds a {loader[0]} checkpoint, not a text-only model: load it with "
+                              f"{loader[1]} (the CLI's generate, chat, transcribe and serve detect the kind)")
     args = load_args(path, format=fmt)
     state = read_state_dict(path, args, format=fmt, dtype=dtype, device=device)
     with torch.device("meta"):
@@ -169,6 +174,12 @@ _HF_KINDS: dict[str, Kind] = {"llava": "vision", "mistral3": "vision", "voxtral"
 _HF_KIND_ARCHITECTURES: dict[str, Kind] = {"LlavaForConditionalGeneration": "vision",
                                            "Mistral3ForConditionalGeneration": "vision",
                                            "VoxtralForConditionalGeneration": "audio"}
+
+
+_MULTIMODAL_LOADERS = {
+    "vision": ("vision-language (Pixtral / Mistral 3)", "tramontane.models.vision.load_vision_language_model"),
+    "audio": ("speech-language (Voxtral)", "tramontane.models.audio.load_voxtral"),
+}
 
 
 def detect_kind(path: str | Path, format: Format | None = None) -> Kind:
