@@ -80,3 +80,8 @@ class DataError(TramontaneError, ValueError):
 
 class TramontaneWarning(UserWarning):
     """Allowed-but-unsafe settings: a fixed noise seed, non-Poisson sampling, non-DP schema inference."""
+
+
+class SandboxUnavailableError(TramontaneError, RuntimeError):
+    """The agent's command sandbox (bubblewrap) is missing or cannot create its namespaces here; install
+    bubblewrap or run without isolation on purpose (`--unsafe-no-sandbox`)."""
