@@ -275,6 +275,137 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the coding agent ---------------------------------------------------------------------------------------
+
+_AGENT_OPTIONS = ("max_steps", "max_seconds", "max_total_tokens", "temperature", "max_tokens", "context_tokens",
+                  "request_timeout", "endpoint", "model")
+
+
+def _agent_config(args: argparse.Namespace) -> Any:
+    """The `AgentConfig` of the agent options, a bad value named by its option."""
+    import os
+
+    from tramontane.agent.loop import AgentConfig
+
+    if not args.endpoint:
+        raise TramontaneError("tramontane agent needs --endpoint, the base URL of an OpenAI-compatible API "
+                              "(e.g. http://127.0.0.1:8000/v1 for `tramontane serve`)")
+    try:
+        return AgentConfig(endpoint=args.endpoint, model=args.model,
+                           api_key=args.api_key or os.environ.get("TRAMONTANE_API_KEY") or None,
+                           max_steps=args.max_steps, max_seconds=args.max_seconds,
+                           max_total_tokens=args.max_total_tokens, temperature=args.temperature,
+                           max_tokens=args.max_tokens, context_tokens=args.context_tokens,
+                           request_timeout=args.request_timeout)
+    except TramontaneError as err:
+        message = str(err).replace("AgentConfig: ", "")
+        for name in _AGENT_OPTIONS:
+            message = message.replace(name, f"--{name.replace('_', '-')}")
+        raise TramontaneError(message) from None
+
+
+def _sandbox_limits(args: argparse.Namespace) -> Any:
+    from tramontane.agent.sandbox import SandboxLimits
+
+    try:
+        return SandboxLimits(wall_seconds=args.command_timeout)
+    except TramontaneError as err:
+        raise TramontaneError(f"--command-timeout: {err}") from None
+
+
+def _show_agent_event(event: Any) -> None:
+    """One stderr line per assistant reply and per end of run (the trajectory file has everything)."""
+    def clip(text: str, limit: int = 160) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
+    meta = event.get("meta") or {}
+    if event.get("role") == "assistant":
+        calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in event.get("tool_calls") or []]
+        what = "; ".join(calls) or event.get("content") or ""
+        _stderr().print(f"step {meta.get('step')}: {clip(what)}", markup=False)
+    elif event.get("event") == "empty_reply":
+        _stderr().print(f"step {meta.get('step')}: (empty reply)", markup=False)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """The coding agent on one task in a sandboxed workspace (`agent.loop.run_agent`), or `agent eval`."""
+    if args.agent_command == "eval":
+        return cmd_agent_eval(args)
+    from tramontane.agent.loop import run_agent
+    from tramontane.agent.sandbox import Sandbox
+    from tramontane.agent.tools import ToolBox
+
+    if args.workspace is None:
+        raise TramontaneError("tramontane agent needs --workspace, the folder the agent works in (the only one "
+                              "it can write)")
+    workspace = Path(args.workspace).resolve()
+    if not workspace.is_dir():
+        raise TramontaneError(f"--workspace {args.workspace} is not a folder; create it or name an existing one")
+    if args.task_text is not None and args.task is not None:
+        raise TramontaneError("give the task once: as text or with --task FILE, not both")
+    if args.task is not None:
+        try:
+            task = Path(args.task).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise TramontaneError(f"cannot read --task {args.task}: {getattr(err, 'strerror', None) or err}") \
+                from None
+    else:
+        task = args.task_text or ""
+    if args.resume and args.trajectory is None:
+        raise TramontaneError("--resume continues the run in --trajectory FILE; give that file")
+    if not task.strip() and not args.resume:
+        raise TramontaneError('tramontane agent needs a task: "task text" or --task FILE')
+    config = _agent_config(args)
+    limits = _sandbox_limits(args)
+    if args.unsafe_no_sandbox:
+        _stderr().print("WARNING: --unsafe-no-sandbox: the agent's commands run on this machine as you, with your "
+                        "files and network", markup=False)
+    try:
+        with Sandbox(workspace, limits, unsafe_no_sandbox=args.unsafe_no_sandbox) as sandbox:
+            result = run_agent(task, ToolBox(sandbox), config,
+                               trajectory=Path(args.trajectory) if args.trajectory else None, resume=args.resume,
+                               workspace=workspace, on_event=_show_agent_event)
+    except KeyboardInterrupt:
+        if args.trajectory:
+            _stderr().print(f"interrupted: {args.trajectory} holds every step taken; continue with the same "
+                            "command and --resume", markup=False)
+        raise
+    _stderr().print(f"{result.reason} after {result.steps} step(s), {result.prompt_tokens} prompt + "
+                    f"{result.completion_tokens} completion tokens"
+                    f"{f'; trajectory in {args.trajectory}' if args.trajectory else ''}", markup=False)
+    if result.message is not None:
+        print(result.message)
+    return 0 if result.reason == "finish" else 1
+
+
+def cmd_agent_eval(args: argparse.Namespace) -> int:
+    """The agent on every task of a folder, scored by the tasks' hidden tests (`agent.harness.evaluate`)."""
+    from tramontane.agent.harness import BUILTIN_TASKS, evaluate
+
+    if args.out is None:
+        raise TramontaneError("tramontane agent eval needs --out, the results folder")
+    config = _agent_config(args)
+    limits = _sandbox_limits(args)
+    tasks = Path(args.tasks) if args.tasks is not None else BUILTIN_TASKS
+    err = _stderr()
+
+    def show(task_id: str, record: dict[str, Any]) -> None:
+        agent = record.get("agent") or {}
+        outcome = "resolved" if record.get("resolved") else f"unresolved ({record.get('reason')})"
+        err.print(f"{task_id}: {outcome}; the agent stopped on {agent.get('reason')} after {agent.get('steps')} "
+                  "step(s)", markup=False)
+
+    summary = evaluate(tasks, config, Path(args.out), model_name=args.model_name, limits=limits,
+                       max_workers=args.max_workers, unsafe_no_sandbox=args.unsafe_no_sandbox, on_task=show)
+    print(json.dumps({"model_name_or_path": summary.model_name_or_path, "total": summary.total,
+                      "resolved": summary.resolved, "resolved_rate": summary.resolved_rate}))
+    err.print(f"resolved {summary.resolved} of {summary.total}; predictions in "
+              f"{Path(args.out) / 'predictions.jsonl'} (SWE-bench format), results in "
+              f"{Path(args.out) / 'results.json'}, trajectories in {Path(args.out) / 'trajectories'}", markup=False)
+    return 0
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser, temperature: float) -> None:
         p.add_argument("--model", required=True, help="checkpoint directory (consolidated or Hugging Face)")
@@ -325,6 +456,77 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                    "data: URLs, so the server never fetches what a client names)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's dtype")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("agent", help="a coding agent on a workspace, through any OpenAI-compatible endpoint",
+                       description='tramontane agent --endpoint URL --workspace DIR "task text" (or --task FILE) '
+                       "runs the agent on one task; tramontane agent eval --tasks DIR --endpoint URL --out DIR "
+                       "scores it on a folder of tasks.")
+    _agent_options(p)
+    p.add_argument("--workspace", default=None, help="the folder the agent works in: the only one it can write")
+    p.add_argument("--task", default=None, help="a file holding the task (instead of the task text)")
+    p.add_argument("--trajectory", default=None, help="JSONL file the run is written to, step by step")
+    p.add_argument("--resume", action="store_true", help="continue the run in --trajectory")
+    p.set_defaults(func=cmd_agent, agent_command=None, task_text=None)
+    agent_sub = p.add_subparsers(dest="agent_command", action=_TaskOrCommand, metavar='"task text" | eval')
+    ev = agent_sub.add_parser("eval", help="run and score the agent on a folder of tasks (SWE-bench style)")
+    _agent_options(ev, inherit=True)
+    ev.add_argument("--tasks", default=None, help="folder of tasks (a repository snapshot, an issue, hidden "
+                    "tests each; default: the tasks bundled with tramontane)")
+    ev.add_argument("--out", default=None, help="results folder: predictions.jsonl (SWE-bench format), "
+                    "results.json, trajectories/")
+    ev.add_argument("--model-name", default=None, help="model_name_or_path in the predictions (default: the "
+                    "model id)")
+    ev.add_argument("--max-workers", type=int, default=1, help="tasks run at once")
+
+
+class _TaskOrCommand(argparse._SubParsersAction):
+    """`tramontane agent "task text"` and `tramontane agent eval ...` share the first positional: a word that
+    names no subcommand is the task, and the options after it belong to `agent`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # any word passes argparse's check of choices: a subcommand's name, else the task text
+        self.choices = None  # type: ignore[assignment]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values and values[0] not in self._name_parser_map:
+            if getattr(namespace, "task_text", None) is not None:
+                parser.error("give the task text once (quote it)")
+            namespace.task_text = values[0]
+            _, extra = parser.parse_known_args(list(values[1:]), namespace)
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            return
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _agent_options(p: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """The options of `agent` and `agent eval`; with `inherit` (eval) an option left out keeps the value given
+    before the subcommand (`tramontane agent --endpoint URL eval ...`)."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if inherit else value
+
+    p.add_argument("--endpoint", default=default(None), help="base URL of an OpenAI-compatible API, e.g. "
+                   "http://127.0.0.1:8000/v1 (tramontane serve, vLLM, a hosted API)")
+    p.add_argument("--api-key", default=default(None), help="bearer key for the endpoint (default: "
+                   "$TRAMONTANE_API_KEY, else none)")
+    p.add_argument("--model", default=default(None), help="model id (default: the endpoint's first)")
+    p.add_argument("--max-steps", type=int, default=default(50), help="model replies per task (default 50)")
+    p.add_argument("--max-seconds", type=float, default=default(1800.0), help="wall-clock seconds per task "
+                   "(default 1800)")
+    p.add_argument("--max-total-tokens", type=int, default=default(None), help="prompt + completion tokens per "
+                   "task")
+    p.add_argument("--max-tokens", type=int, default=default(None), help="completion tokens per model call")
+    p.add_argument("--context-tokens", type=int, default=default(None), help="the model's context: older tool "
+                   "outputs are elided, then older turns dropped, to stay within it")
+    p.add_argument("--temperature", type=float, default=default(0.0))
+    p.add_argument("--request-timeout", type=float, default=default(600.0), help="seconds to wait for one model "
+                   "call (default 600)")
+    p.add_argument("--command-timeout", type=float, default=default(120.0), help="default wall-clock limit of "
+                   "one command in the sandbox, seconds (default 120)")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", default=default(False), help="run commands "
+                   "WITHOUT the bubblewrap sandbox, as you, with your files and network")
 
 
 # -- privacy accounting -----------------------------------------------------------------------------------

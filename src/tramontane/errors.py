@@ -85,3 +85,16 @@ class TramontaneWarning(UserWarning):
 class SandboxUnavailableError(TramontaneError, RuntimeError):
     """The agent's command sandbox (bubblewrap) is missing or cannot create its namespaces here; install
     bubblewrap or run without isolation on purpose (`--unsafe-no-sandbox`)."""
+
+
+class EndpointError(TramontaneError, RuntimeError):
+    """An OpenAI-compatible endpoint failed or answered something unusable. `status` is the HTTP status (None
+    when no answer came); `retryable` says whether the same request may succeed later; `code` is the error code
+    of OpenAI's error shape (e.g. "context_length_exceeded"), when the body had one."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.code = code
