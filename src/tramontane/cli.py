@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `tramontane --help` loads
     from rich.progress import Progress, TaskID
 
     from tramontane.generation import SamplingParams
+    from tramontane.models.checkpoint import Format
     from tramontane.models.transformer import Transformer
     from tramontane.models.vision import VisionLanguageModel
     from tramontane.synth.synthesizer import Synthesizer
@@ -42,9 +43,17 @@ def _stderr() -> Console:
 
 # The loaders' hints name Python calls; on the command line the same fix is a file in the --model folder or
 # another command. Keyed by the library's exact words: the model-command tests fail if they drift.
+_FORMATS = ("consolidated", "hf")
+_FORMAT_HELP = ("the checkpoint layout to load where the --model folder holds both (Mistral's repositories "
+                "ship params.json and config.json side by side); default: the one present")
+
+
+def _format(name: str | None) -> Format | None:
+    return "consolidated" if name == "consolidated" else "hf" if name == "hf" else None
+
+
 _COMMAND_LINE_HINTS = (
-    ("pass format='consolidated' or format='hf' to choose",
-     "keep only the one to use in the --model folder"),
+    ("pass format='consolidated' or format='hf' to choose", "choose one with --format consolidated|hf"),
     ("pass the one to use to Tokenizer.from_file", "keep only the one to use in the --model folder"),
     ("use Tokenizer.from_model_dir() or pass the file", "move it out of the --model folder"),
     ("(load text models with tramontane.models.checkpoint.load_model)",
@@ -65,8 +74,8 @@ def _command_line_hint(err: TramontaneError) -> TramontaneError:
     return err
 
 
-def _load_model_and_tokenizer(model_dir: str, dtype: str | None,
-                              adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
+def _load_model_and_tokenizer(model_dir: str, dtype: str | None, adapter: str | None = None,
+                              format: str | None = None) -> tuple[Transformer, Tokenizer]:
     import torch
 
     from tramontane.models.checkpoint import load_model
@@ -75,12 +84,13 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None,
     start = time.perf_counter()
     try:
         if adapter is None:
-            model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+            model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None,
+                                  format=_format(format))
         else:
             from tramontane.finetune.adapter import load_model_with_adapter
 
-            model, _ = load_model_with_adapter(model_dir, adapter,
-                                               dtype=getattr(torch, dtype) if dtype else None)
+            model, _ = load_model_with_adapter(model_dir, adapter, dtype=getattr(torch, dtype) if dtype else None,
+                                               format=_format(format))
         tokenizer = Tokenizer.from_model_dir(model_dir)
     except TramontaneError as err:
         raise _command_line_hint(err)
@@ -113,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args, logprobs=args.json)  # every option before the model
     if args.chunk_size is not None and args.chunk_size < 1:
         raise TramontaneError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter, args.format)
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -132,14 +142,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_vision_model_and_tokenizer(model_dir: str,
-                                     dtype: str | None) -> tuple[VisionLanguageModel, Tokenizer]:
+def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None,
+                                     format: str | None = None) -> tuple[VisionLanguageModel, Tokenizer]:
     import torch
 
     from tramontane.models.vision import check_tokenizer, load_vision_language_model
     from tramontane.tokenizer import Tokenizer
 
-    model = load_vision_language_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+    model = load_vision_language_model(model_dir, dtype=getattr(torch, dtype) if dtype else None,
+                                       format=_format(format))
     tokenizer = Tokenizer.from_model_dir(model_dir)
     check_tokenizer(tokenizer, model.vision_args)
     return model, tokenizer
@@ -159,11 +170,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.image:
         pictures = [load_image(path) for path in args.image]
         try:
-            model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype)
+            model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype, args.format)
         except TramontaneError as exc:
             raise _command_line_hint(exc)
     else:
-        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter)
+        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter, args.format)
     messages: list[Any] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -229,7 +240,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     audio = load_audio(args.audio)
     start = time.perf_counter()
     try:
-        model = load_voxtral(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        model = load_voxtral(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                             format=_format(args.format))
         tokenizer = Tokenizer.from_model_dir(args.model)
     except TramontaneError as err:
         raise _command_line_hint(err)
@@ -262,7 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TramontaneError(message) from None
     start = time.perf_counter()
     try:
-        served = load_served_model(args.model, args.adapter, dtype=args.dtype, name=args.served_model_name)
+        served = load_served_model(args.model, args.adapter, dtype=args.dtype, name=args.served_model_name,
+                                   format=_format(args.format))
     except TramontaneError as err:
         raise _command_line_hint(err)
     api_key = args.api_key or os.environ.get("TRAMONTANE_API_KEY") or None
@@ -414,6 +427,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
         p.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's dtype")
+        p.add_argument("--format", choices=_FORMATS, default=None, help=_FORMAT_HELP)
 
     p = sub.add_parser("generate", help="continue a prompt with a model")
     common(p, temperature=0.0)
@@ -455,6 +469,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off: only "
                    "data: URLs, so the server never fetches what a client names)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's dtype")
+    p.add_argument("--format", choices=_FORMATS, default=None, help=_FORMAT_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("agent", help="a coding agent on a workspace, through any OpenAI-compatible endpoint",

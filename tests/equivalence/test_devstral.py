@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from tests.conftest import random_model
 from tests.integration.serve_fixtures import ARGS, CALL_ID, tekken_tokenizer
+from tramontane import cli
 from tramontane.errors import CheckpointError
 from tramontane.generation import SamplingParams, generate
 from tramontane.models import ModelArgs, Transformer
@@ -338,3 +339,23 @@ def test_tool_format_follows_the_tokenizer_version(devstral_folders, version: st
     assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == [
         ("str_replace_editor", {"command": "view", "path": "a.py"})]
     assert parser.content == ""
+
+
+def test_serve_and_the_cli_load_a_folder_holding_both_layouts(devstral_folders, tmp_path: Path, capsys) -> None:
+    """A whole Devstral download (params.json and config.json side by side) is served and run with `format`
+    / `--format`; without it the error says how to choose."""
+    folder = shutil.copytree(devstral_folders["v13"], tmp_path / "devstral")
+    model, _ = load_model(folder)
+    hf_out = save_model(model, tmp_path / "hf", format="hf")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_out / name, folder / name)
+    with pytest.raises(CheckpointError, match="format"):
+        load_served_model(folder)
+    for layout in ("consolidated", "hf"):
+        served = load_served_model(folder, format=layout)
+        assert served.tokenizer.version == "v13"
+        assert torch.equal(_logits(served.model, torch.arange(6)[None]), _logits(model, torch.arange(6)[None]))
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "def f(", "--max-tokens", "2"]) == 2
+    assert "--format consolidated|hf" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(folder), "--format", "hf", "--prompt", "def f(",
+                     "--max-tokens", "2", "--json"]) == 0

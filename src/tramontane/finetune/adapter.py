@@ -277,10 +277,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *,
 
 
 def load_model_with_adapter(model_dir: str | Path, adapter_dir: str | Path,
-                            dtype: torch.dtype | str | None = None) -> tuple[Transformer, ModelArgs]:
+                            dtype: torch.dtype | str | None = None,
+                            format: Format | None = None) -> tuple[Transformer, ModelArgs]:
     """`load_model(model_dir, dtype=dtype)` plus the adapter in `adapter_dir` (kept unmerged, its weights in
     float32 over a half-precision base), in eval mode: ready for generation."""
-    model, args = load_model(model_dir, dtype=dtype)
+    model, args = load_model(model_dir, dtype=dtype, format=format)
     load_adapter(model, adapter_dir)
     return model.eval(), args
 

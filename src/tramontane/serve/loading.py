@@ -14,7 +14,7 @@ import torch
 
 from tramontane.errors import CheckpointError, ConfigError, TokenizerError
 from tramontane.finetune.run import read_privacy
-from tramontane.models.checkpoint import Kind, detect_kind, load_model
+from tramontane.models.checkpoint import Format, Kind, detect_kind, load_model
 from tramontane.models.transformer import Transformer
 from tramontane.tokenizer import Tokenizer
 
@@ -54,26 +54,28 @@ def _privacy(adapter: str | os.PathLike[str] | None, model_dir: Path) -> dict[st
 
 
 def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None,
-                      dtype: torch.dtype | str | None = None, name: str | None = None) -> ServedModel:
+                      dtype: torch.dtype | str | None = None, name: str | None = None,
+                      format: Format | None = None) -> ServedModel:
     """Load `model_dir` (its kind detected by `models.checkpoint.detect_kind`) and its tokenizer file, with the
     LoRA adapter in `adapter` (text models only) on top. `name` (default: the folder's name) is the model id
-    clients send. Raises `CheckpointError`, `ConfigError` or `TokenizerError` saying what to fix."""
+    clients send; `format` ("consolidated" or "hf") picks a layout where the folder holds both, as Mistral's
+    repositories do. Raises `CheckpointError`, `ConfigError` or `TokenizerError` saying what to fix."""
     model_dir = Path(model_dir)
-    kind = detect_kind(model_dir)
+    kind = detect_kind(model_dir, format)
     if adapter is not None and kind != "text":
         raise ConfigError(f"{model_dir} is a {kind} checkpoint; LoRA adapters apply to text models only")
     model: Transformer
     if kind == "vision":
         from tramontane.models.vision import check_tokenizer, load_vision_language_model
 
-        vision = load_vision_language_model(model_dir, dtype=dtype)
+        vision = load_vision_language_model(model_dir, dtype=dtype, format=format)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         check_tokenizer(tokenizer, vision.vision_args)
         model = vision
     elif kind == "audio":
         from tramontane.models.audio import load_voxtral
 
-        voxtral = load_voxtral(model_dir, dtype=dtype)
+        voxtral = load_voxtral(model_dir, dtype=dtype, format=format)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         encoder = getattr(tokenizer.mistral.instruct_tokenizer, "audio_encoder", None)
         if encoder is None:
@@ -84,12 +86,12 @@ def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathL
                                  f"audio_token_id {voxtral.audio_token_id}; use the checkpoint's own tokenizer")
         model = voxtral
     elif adapter is None:
-        model, _ = load_model(model_dir, dtype=dtype)
+        model, _ = load_model(model_dir, dtype=dtype, format=format)
         tokenizer = Tokenizer.from_model_dir(model_dir)
     else:
         from tramontane.finetune.adapter import load_model_with_adapter
 
-        model, _ = load_model_with_adapter(model_dir, Path(adapter), dtype=dtype)
+        model, _ = load_model_with_adapter(model_dir, Path(adapter), dtype=dtype, format=format)
         tokenizer = Tokenizer.from_model_dir(model_dir)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "

@@ -24,6 +24,7 @@ from tramontane.models.audio.network import (
     sinusoidal_positions,
 )
 from tramontane.models.checkpoint import (
+    Format,
     args_from_hf_config,
     assign_weights,
     detect_format,
@@ -84,14 +85,15 @@ def load_voxtral(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     max_seq_len: int | None = None,
+    format: Format | None = None,
 ) -> Voxtral:
     """Load a consolidated (`params.json` with `multimodal.whisper_model_args` + `consolidated*.safetensors`)
     or Hugging Face (`config.json` + `model*.safetensors`, as `save_pretrained` writes them or with
     transformers 5.x runtime names) Voxtral directory. Every tensor name and shape is checked before any data
     is read; `CheckpointError` lists all missing, unexpected and mis-shaped tensors. `dtype` None keeps the
-    checkpoint's."""
+    checkpoint's; `format` picks a layout where a folder holds both."""
     path = Path(path)
-    fmt = detect_format(path)
+    fmt = detect_format(path, format)
     if fmt == "consolidated":
         params = read_json_object(path / "params.json")
         if not isinstance(params.get("multimodal"), dict):

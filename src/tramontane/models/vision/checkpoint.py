@@ -224,16 +224,20 @@ def load_vision_language_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     max_seq_len: int | None = None,
+    format: Format | None = None,
 ) -> VisionLanguageModel:
     """Load a consolidated (`params.json` with `vision_encoder` + `consolidated*.safetensors`) or HF LLaVA /
-    Mistral3 (`config.json` + `model*.safetensors`) directory. Every tensor name and shape is checked before
-    any data is read; `CheckpointError` lists all missing, unexpected and mis-shaped tensors."""
+    Mistral3 (`config.json` + `model*.safetensors`) directory; `format` picks one where a folder holds both
+    (default: the consolidated one). Every tensor name and shape is checked before any data is read;
+    `CheckpointError` lists all missing, unexpected and mis-shaped tensors."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     target_dtype = resolve_dtype(dtype)
     fmt: Format
-    if (path / "params.json").is_file():
+    if format not in (None, "consolidated", "hf"):
+        raise ConfigError(f"format must be 'consolidated' or 'hf', got {format!r}")
+    if (path / "params.json").is_file() and format != "hf":
         fmt = "consolidated"
         params = read_json_object(path / "params.json")
         if "vision_encoder" not in params:
