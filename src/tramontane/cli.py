@@ -1323,6 +1323,72 @@ def _add_finetune_commands(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--overwrite", action="store_true")
 
 
+# ------------------------------------------------------------------------------------------------ federated
+
+
+def _federated_app_module() -> Any:
+    try:
+        from tramontane.federated import app
+    except ImportError as err:
+        raise TramontaneError(f"federated learning needs Flower ({err.name} is missing): "
+                              "pip install 'tramontane[federated]'") from None
+    return app
+
+
+def _run_config_value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cmd_federated_app(args: argparse.Namespace) -> int:
+    """Write the Flower app folder that `flwr run` takes (DP-FedAvg on Adult, CANIFE audits)."""
+    app = _federated_app_module()
+    overrides: dict[str, int | float | str] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TramontaneError(f"--set takes key=value, got {item!r}")
+        overrides[key.strip()] = _run_config_value(value.strip())
+    folder = app.write_flower_app(args.dir, overrides)
+    print(f"Flower app written to {folder}; run it on a federation (see tramontane/federated/app.py):")
+    print(f"  flwr run {folder} <connection> --stream --run-config 'output=\"run.json\"'")
+    return 0
+
+
+def cmd_federated_report(args: argparse.Namespace) -> int:
+    """Sum up the JSON report a federated run wrote."""
+    app = _federated_app_module()
+    try:
+        report = json.loads(Path(args.report).read_text())
+    except json.JSONDecodeError as err:
+        raise TramontaneError(f"{args.report} is not a JSON report: {err}") from None
+    if not isinstance(report, dict) or report.get("format") != app.REPORT_FORMAT:
+        raise TramontaneError(f"{args.report} is not a federated run report (format {app.REPORT_FORMAT!r})")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_table("federated run", app.report_summary(report))
+    return 0
+
+
+def _add_federated_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("federated", help="DP-FedAvg on Flower (user-level DP) with CANIFE audits")
+    fed_sub = p.add_subparsers(dest="federated_command", required=True)
+    app = fed_sub.add_parser("app", help="write the Flower app folder for `flwr run`")
+    app.add_argument("dir", help="folder to write (its pyproject.toml)")
+    app.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a run-config default, e.g. "
+                     "--set noise-multiplier=2.0 --set audit-every=1 (repeatable)")
+    app.set_defaults(func=cmd_federated_app)
+    report = fed_sub.add_parser("report", help="sum up the JSON report of a federated run")
+    report.add_argument("report", help="the run's JSON report (the app's `output`)")
+    report.add_argument("--json", action="store_true", help="print the whole report")
+    report.set_defaults(func=cmd_federated_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tramontane", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
@@ -1332,6 +1398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_commands(sub)
     _add_finetune_commands(sub)
     _add_audit_commands(sub)
+    _add_federated_commands(sub)
     return parser
 
 

@@ -62,12 +62,45 @@ def test_estimator_is_infinite_only_with_perfect_separation() -> None:
     est = empirical_epsilon([1.0] * 50, [0.0] * 50)
     assert est.epsilon == math.inf and est.high == math.inf
     assert 2.0 < est.low < math.log(50)  # 0 errors in 50: Clopper-Pearson caps the rates near 7%
-    one_error = empirical_epsilon([1.0] * 49 + [0.0], [0.0] * 50)
+    one_error = empirical_epsilon([1.0] * 49 + [0.0], [0.0] * 50, zero_error="finite")
     assert math.isfinite(one_error.epsilon) and one_error.epsilon > 3.0
     same = empirical_epsilon(np.zeros(100), np.zeros(100))
     assert same.epsilon == 0.0 and same.low == 0.0
     with pytest.raises(PrivacyParameterError):
         empirical_epsilon([], [1.0])
+
+
+def test_zero_error_rules_pick_different_thresholds_on_small_score_sets() -> None:
+    # 49 of 50 positives above 50 tied negatives, delta = 1/100. Thresholds: +inf (flag nothing), 1 (no false
+    # positive, one miss), 0 (flag everything). "finite" keeps the one-sided t = 1 with its finite term
+    # log((1 - delta - 0) / (1/50)); "canife" gives it CANIFE's infinite estimate, accepted only at perfect
+    # accuracy, so no threshold is left: 0, with an interval that says nothing.
+    positives, negatives = [1.0] * 49 + [0.0], [0.0] * 50
+    finite = empirical_epsilon(positives, negatives, zero_error="finite")
+    assert (finite.threshold, finite.fpr, finite.fnr) == (1.0, 0.0, 0.02)
+    assert finite.epsilon == pytest.approx(math.log(0.99 / 0.02))
+    canife = empirical_epsilon(positives, negatives)  # the default
+    assert canife == empirical_epsilon(positives, negatives, zero_error="canife")
+    assert (canife.epsilon, canife.threshold, canife.low, canife.high) == (0.0, math.inf, 0.0, math.inf)
+
+    # With a two-sided threshold available, "canife" takes it; "finite" prefers the one-sided t = 3 whose
+    # finite term is larger. Scores: positives 3, 3, 3, 3, 0; negatives 2, 0, 0, 0, 0 (delta = 1/10).
+    positives, negatives = [3.0, 3.0, 3.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]
+    d = 0.1
+    finite = empirical_epsilon(positives, negatives, zero_error="finite")
+    canife = empirical_epsilon(positives, negatives)
+    assert (finite.threshold, finite.fpr, finite.fnr) == (3.0, 0.0, 0.2)
+    assert finite.epsilon == pytest.approx(math.log((1 - d) / 0.2))
+    assert (canife.threshold, canife.fpr, canife.fnr) == (2.0, 0.2, 0.2)
+    assert canife.epsilon == pytest.approx(math.log((1 - d - 0.2) / 0.2))
+    assert canife.epsilon != finite.epsilon
+    # CANIFE's interval rule: an end computed from a zero lower rate is infinite; at a two-sided threshold
+    # both lower Clopper-Pearson rates are positive and the upper end is finite
+    assert math.isfinite(canife.high) and canife.low <= canife.epsilon <= canife.high
+    assert epsilon_from_rates(0.0, 0.3, d, "canife") == math.inf
+    assert epsilon_from_rates(0.0, 0.3, d, "finite") == pytest.approx(math.log(0.9 / 0.3))
+    with pytest.raises(PrivacyParameterError):
+        empirical_epsilon(positives, negatives, zero_error="lenient")
 
 
 def test_estimator_on_gaussian_scores_approaches_the_true_rate_curve() -> None:

@@ -53,6 +53,17 @@ FORBIDDEN = [
     ("tramontane.audit", "tramontane.finetune"),
     ("tramontane.generation", "tramontane.finetune"),
     ("tramontane.finetune", "tramontane.synth"),
+    # federated learning and the agent are applications: nothing below them knows about them
+    ("tramontane.audit", "tramontane.federated"),
+    ("tramontane.dp", "tramontane.federated"),
+    ("tramontane.accounting", "tramontane.federated"),
+    ("tramontane.training", "tramontane.federated"),
+    ("tramontane.models", "tramontane.agent"),
+    ("tramontane.serve", "tramontane.agent"),
+    ("tramontane.finetune", "tramontane.agent"),
+    ("tramontane.agent", "tramontane.serve"),
+    ("tramontane.agent", "tramontane.models"),
+    ("tramontane.agent", "tramontane.dp"),
 ]
 
 

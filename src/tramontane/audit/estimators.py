@@ -9,11 +9,28 @@ FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta, hence
     epsilon >= eps(t) = log max{ (1 - delta - FPR) / FNR, (1 - delta - FNR) / FPR },
 
 and the estimate is max(0, max_t eps(t)) at a stated delta (CANIFE's default delta = 1 / (n_pos + n_neg)).
-A term with a zero denominator is dropped; the estimate is infinite only when both are zero, i.e. the
-scores separate perfectly (CANIFE drops a threshold as soon as one term is missing, unless it separates
-perfectly; keeping the finite term is also valid and can only raise the estimate).
 95% Clopper-Pearson intervals on the FPR and FNR at the chosen threshold give the interval
 [eps(upper FPR, upper FNR), eps(lower FPR, lower FNR)] (each rate's interval at `confidence`).
+
+Zero error rates (`zero_error`). A test with FNR = 0 or FPR = 0 leaves one term with a zero denominator.
+CANIFE's `CanaryAnalyser.empirical_eps` (facebookresearch/canife, canife/canary_analyser.py) keeps a term
+only when its denominator is positive and returns infinity as soon as fewer than two terms remain
+(`if len(x) <= 1 ...: x = [inf]`); its `ci_eps` applies the same rule to the Clopper-Pearson ends, so an
+upper end whose lower rate is 0 is infinite too. CANIFE evaluates a single threshold (the one of maximum
+accuracy, privacy_lint's `get_max_accuracy_threshold`); an estimator that maximises over all thresholds
+cannot take the infinity literally (the threshold that flags nothing has FPR = 0 and would always win), so:
+- "canife" (default): a threshold with exactly one zero error rate has an infinite point estimate under
+  CANIFE's rule and is not a candidate; infinity is accepted only at perfect accuracy (FPR = FNR = 0). The
+  interval ends follow `ci_eps`. With no candidate at all the estimate is 0 at t = +inf ("flag nothing").
+- "finite": the former rule of this module: the term with a zero denominator is dropped and the other one
+  kept, infinite only at perfect accuracy. Also a valid lower bound, never below "canife" on the same
+  scores; on small score sets it picks one-sided thresholds that "canife" skips. E.g. 49 of 50 positives
+  above 50 tied negatives, delta = 1/100: "finite" takes t = 1 (no false positive, one miss) and reports
+  log(0.99 / 0.02) = 3.90; "canife" has no two-sided threshold left and reports 0 (interval [0, inf]);
+  CANIFE's own code, which looks only at its maximum-accuracy threshold (that same t = 1), reports inf.
+  With a few hundred scores per side, as in audits, both rules nearly always pick the same threshold.
+One deviation in both: when both terms are negative (a test worse than chance both ways) the estimate is
+0, where CANIFE's code takes the logarithm of infinity.
 
 Caveats. The threshold is chosen on the same scores, so even the lower end is not a certified bound
 (optimistic by the selection). With n scores the finite estimate cannot exceed about log(n / 2), however
@@ -22,7 +39,8 @@ count ratios, strongly so when the true epsilon is small. Measured on ideal cana
 N(0, sigma^2), 30 + 30 scores, delta = 1/60 (tests/unit/test_audit_estimators.py reproduces the trend):
 the estimate exceeds the true epsilon at the same delta in 0% of runs for sigma = 0.7, 25% for sigma = 1,
 84% for sigma = 2 and 92% for sigma = 3 (mean 1.60 against 1.02 at sigma = 2), while the Clopper-Pearson
-lower end exceeded it in none of 200 runs at any sigma. After composition (below) the point estimate of
+lower end exceeded it in none of 200 runs at any sigma (both zero-error rules gave the same estimates in
+every one of these runs). After composition (below) the point estimate of
 a whole run at sigma = 2 exceeds the accountant's epsilon in most runs. So: the lower end is the figure to
 compare with theory; the point estimate is CANIFE's headline number, reported as such.
 
@@ -67,16 +85,28 @@ def clopper_pearson(k: np.ndarray | int, n: np.ndarray | int,
     return np.nan_to_num(lo), np.nan_to_num(hi, nan=1.0)
 
 
-def epsilon_from_rates(fpr: np.ndarray | float, fnr: np.ndarray | float, delta: float) -> np.ndarray:
-    """log max{(1 - delta - FPR) / FNR, (1 - delta - FNR) / FPR} (vectorised), clamped at 0; a term with a
-    zero denominator is dropped and the value is inf only when both denominators are zero."""
+ZERO_ERROR_RULES = ("canife", "finite")
+
+
+def _check_zero_error(zero_error: str) -> None:
+    if zero_error not in ZERO_ERROR_RULES:
+        raise PrivacyParameterError(f"zero_error must be one of {list(ZERO_ERROR_RULES)}, got {zero_error!r}")
+
+
+def epsilon_from_rates(fpr: np.ndarray | float, fnr: np.ndarray | float, delta: float,
+                       zero_error: str = "finite") -> np.ndarray:
+    """log max{(1 - delta - FPR) / FNR, (1 - delta - FNR) / FPR} (vectorised), clamped at 0; inf when both
+    rates are zero. With exactly one zero rate, "finite" drops the term with the zero denominator and keeps
+    the other; "canife" gives inf, as CANIFE's `empirical_eps` does (see the module docstring)."""
+    _check_zero_error(zero_error)
     fpr, fnr = np.asarray(fpr, dtype=float), np.asarray(fnr, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         t1 = np.where(fnr > 0, (1 - delta - fpr) / np.where(fnr > 0, fnr, 1.0), -np.inf)
         t2 = np.where(fpr > 0, (1 - delta - fnr) / np.where(fpr > 0, fpr, 1.0), -np.inf)
         best = np.maximum(t1, t2)
         eps = np.where(best > 1.0, np.log(np.where(best > 1.0, best, 1.0)), 0.0)
-    return np.where((fpr == 0) & (fnr == 0), np.inf, eps)
+    infinite = (fpr == 0) | (fnr == 0) if zero_error == "canife" else (fpr == 0) & (fnr == 0)
+    return np.where(infinite, np.inf, eps)
 
 
 @dataclass(frozen=True)
@@ -113,14 +143,18 @@ def rates_at_thresholds(positives: np.ndarray,
 
 
 def empirical_epsilon(positives: Sequence[float] | np.ndarray, negatives: Sequence[float] | np.ndarray,
-                      delta: float | None = None, confidence: float = 0.95) -> EpsilonEstimate:
+                      delta: float | None = None, confidence: float = 0.95, *,
+                      zero_error: str = "canife") -> EpsilonEstimate:
     """CANIFE's epsilon estimate from scores with (positives) and without (negatives) the canary.
 
     Args:
         positives, negatives: attack scores, higher meaning "present"; at least one of each.
         delta: the delta of the (FPR, FNR) -> epsilon conversion; default 1 / (n_pos + n_neg) as CANIFE.
         confidence: level of each Clopper-Pearson interval.
+        zero_error: "canife" (default) or "finite": the rule for thresholds with a zero error rate (module
+            docstring, "Zero error rates").
     """
+    _check_zero_error(zero_error)
     pos, neg = np.asarray(positives, dtype=float).ravel(), np.asarray(negatives, dtype=float).ravel()
     if len(pos) == 0 or len(neg) == 0:
         raise PrivacyParameterError("need at least one score with and one without the canary")
@@ -132,13 +166,18 @@ def empirical_epsilon(positives: Sequence[float] | np.ndarray, negatives: Sequen
         raise PrivacyParameterError(f"delta must be in [0, 1), got {delta}")
     thresholds, fp, fn = rates_at_thresholds(pos, neg)
     fpr, fnr = fp / len(neg), fn / len(pos)
-    eps = epsilon_from_rates(fpr, fnr, delta)
+    eps = epsilon_from_rates(fpr, fnr, delta, "finite")
+    if zero_error == "canife":
+        # one-sided thresholds are infinite under CANIFE's rule: candidates only at perfect accuracy
+        one_sided = (fp == 0) != (fn == 0)
+        eps = np.where(one_sided, -np.inf, eps)
     i = int(np.argmax(eps))
+    point = max(float(eps[i]), 0.0)  # no candidate at all: 0 at t = +inf (flag nothing), index 0
     fpr_lo, fpr_hi = clopper_pearson(fp[i], len(neg), confidence)
     fnr_lo, fnr_hi = clopper_pearson(fn[i], len(pos), confidence)
-    low = float(epsilon_from_rates(fpr_hi, fnr_hi, delta))
-    high = float(epsilon_from_rates(fpr_lo, fnr_lo, delta))
-    return EpsilonEstimate(epsilon=float(eps[i]), low=low, high=max(high, float(eps[i])), delta=float(delta),
+    low = float(epsilon_from_rates(fpr_hi, fnr_hi, delta, zero_error))
+    high = float(epsilon_from_rates(fpr_lo, fnr_lo, delta, zero_error))
+    return EpsilonEstimate(epsilon=point, low=low, high=max(high, point), delta=float(delta),
                            confidence=confidence, threshold=float(thresholds[i]), fpr=float(fpr[i]),
                            fnr=float(fnr[i]), positives=len(pos), negatives=len(neg))
 
