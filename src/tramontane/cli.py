@@ -611,6 +611,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tramontane import accounting
     from tramontane.accounting import events as check
 
+    if args.plan_command == "search":
+        return cmd_plan_search(args)
+    missing = [f"--{n.replace('_', '-')}" for n in ("dataset_size", "epsilon", "delta", "steps")
+               if getattr(args, n) is None]
+    if missing:
+        raise TramontaneError(f"tramontane plan needs {', '.join(missing)} (or `tramontane plan search` to choose "
+                              "the learning rate and steps)")
     check.check_count(args.dataset_size, "--dataset-size", minimum=1)
     check.check_epsilon(args.epsilon, "--epsilon", positive=True)
     check.check_delta(args.delta, "--delta")
@@ -639,6 +646,89 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number_list(text: str, kind: type[int | float], option: str) -> tuple[Any, ...]:
+    """Comma-separated numbers of one kind (`--lr 1e-4,3e-4`)."""
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        example = "1e-4,3e-4,1e-3" if kind is float else "100,200"
+        raise TramontaneError(f"{option} takes comma-separated {'whole ' if kind is int else ''}numbers, e.g. "
+                              f"{example}; got {text!r}") from None
+
+
+def cmd_plan_search(args: argparse.Namespace) -> int:
+    """The constant-TAN search on the fine-tuning task: NOT private trials at a reduced batch, then the
+    recommended private run (`training.search`, `finetune.search`)."""
+    import shlex
+    import warnings
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tramontane.accounting import events as check
+    from tramontane.finetune.lora import LoraConfig
+    from tramontane.finetune.run import FinetuneConfig
+    from tramontane.finetune.search import METRIC, FinetuneTask, finetune_arguments
+    from tramontane.training.search import SearchConfig, Trial, search_constant_tan
+
+    lrs, steps = _number_list(args.lr, float, "--lr"), _number_list(args.steps, int, "--steps")
+    check.check_epsilon(args.epsilon, "--epsilon", positive=True)
+    check.check_delta(args.delta, "--delta")
+    _check_output(args.out, "--out", "file", args.overwrite)
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    settings = FinetuneConfig(
+        method=args.method, lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
+                                            dropout=args.lora_dropout, targets=targets),
+        base_dtype=args.base_dtype, private=False, delta=args.delta, accountant=args.accountant,
+        privacy_unit=args.privacy_unit, max_examples_per_user=args.max_examples_per_user,
+        max_grad_norm=args.max_grad_norm, max_len=args.max_len, packing=args.packing,
+        micro_batch_size=args.micro_batch_size, seed=args.seed)
+    task = FinetuneTask(args.model, args.data, args.eval, settings)
+    err = _stderr()
+    err.print("[bold]NOT PRIVATE:[/bold] the search's trials train on --data without differential privacy; use "
+              "public or proxy data, or keep the results with the data holder")
+    units = task.dataset_size()
+    config = SearchConfig(target_epsilon=args.epsilon, delta=args.delta, dataset_size=units, learning_rates=lrs,
+                          steps=steps, reference_batch_size=args.reference_batch,
+                          simulated_batch_size=args.simulated_batch, accountant=args.accountant,
+                          repeats=args.repeats, seed=args.seed, metric=METRIC, workers=args.workers,
+                          threads_per_worker=args.threads_per_worker, backend=args.backend)
+
+    def progress(trial: Trial, done: int, total: int) -> None:
+        err.print(f"trial {done}/{total} (not private): lr {trial.lr:g}, {trial.steps} steps at batch "
+                  f"{trial.batch_size}, sigma {trial.noise_multiplier:.4g} -> {METRIC} {trial.metric:.4g}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = search_constant_tan(task, config, out=args.out, on_trial=progress)
+    notes = [str(w.message) for w in caught]
+    rec = result.recommendation
+    command = ["tramontane", "finetune", "--model", args.model, "--data", args.data, "--eval", args.eval,
+               "--epsilon", f"{args.epsilon:g}", "--delta", f"{args.delta:g}", "--batch-size", str(rec.batch_size),
+               "--steps", str(rec.steps), "--lr", f"{rec.lr:g}", *finetune_arguments(settings), "--out", "RUN"]
+    if args.json:
+        print(json.dumps({**result.to_dict(), "command": shlex.join(command), "warnings": notes}))
+        return 0
+    table = Table(title=f"trials (NOT PRIVATE: simulations at the private runs' TAN, {config.repeats} run(s) "
+                        "each), best first")
+    for column in ("rank", "lr", "steps", "batch", "noise multiplier", METRIC, "seconds"):
+        table.add_column(column, justify="right")
+    for rank, trial in enumerate(result.trials, 1):
+        table.add_row(str(rank), f"{trial.lr:g}", str(trial.steps), str(trial.batch_size),
+                      f"{trial.noise_multiplier:.4g}", f"{trial.metric:.6g}", f"{trial.seconds:.1f}")
+    Console().print(table)
+    rows = {k: v for k, v in rec.to_dict().items() if k not in ("private", "simulated_metric_label")}
+    _print_table(f"recommended private run at epsilon <= {args.epsilon:g}, delta = {args.delta:g}",
+                 [(k if k != "simulated_metric" else f"simulated {METRIC} (not private)", _show(v))
+                  for k, v in rows.items()])
+    print(shlex.join(command))
+    if args.out:
+        err.print(f"trials and recommendation (not private, for the data holder): {args.out}")
+    for note in notes:
+        err.print(f"[yellow]warning:[/yellow] {note}")
+    return 0
+
+
 def _add_accounting_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("account", help="epsilon of a DP-SGD run, or the noise multiplier for a target epsilon")
     p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q = batch / N")
@@ -653,15 +743,61 @@ def _add_accounting_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_account)
 
     p = sub.add_parser("plan", help="batch size and noise at constant TAN for a target budget")
-    p.add_argument("--dataset-size", type=int, required=True)
-    p.add_argument("--epsilon", type=float, required=True)
-    p.add_argument("--delta", type=float, required=True)
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--dataset-size", type=int, default=None, help="required")
+    p.add_argument("--epsilon", type=float, default=None, help="required")
+    p.add_argument("--delta", type=float, default=None, help="required")
+    p.add_argument("--steps", type=int, default=None, help="required")
     p.add_argument("--reference-batch", type=int, default=None, help="batch size of the private run")
     p.add_argument("--simulated-batch", type=int, default=128, help="batch size of the non-private simulation")
     p.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, plan_command=None)
+    plan_sub = p.add_subparsers(dest="plan_command")
+    _add_plan_search_command(plan_sub)
+
+
+def _add_plan_search_command(plan_sub: argparse._SubParsersAction) -> None:
+    s = plan_sub.add_parser(
+        "search", help="choose the learning rate and steps of a DP fine-tuning run (`tramontane finetune`) from "
+        "trials at a small batch with the private run's TAN (NOT private: public or proxy data)",
+        description="Hyper-parameter search at constant TAN (Sander et al., arXiv 2210.03403): every (lr, steps) "
+        "of the grid is a short fine-tuning run at a reduced batch with sigma scaled to keep sigma / batch, and "
+        "so the total amount of noise, of the private run; the best one is recommended as the private run. The "
+        "trials are NOT differentially private: run them on public or proxy data, or keep their results with "
+        "the data holder.")
+    s.add_argument("--model", required=True, help="base checkpoint directory (as for `tramontane finetune`)")
+    s.add_argument("--data", required=True, help="training JSONL (chats or texts): public or proxy data")
+    s.add_argument("--eval", required=True, help="held-out JSONL: the metric is its mean token loss")
+    s.add_argument("--epsilon", type=float, required=True, help="the private run's budget")
+    s.add_argument("--delta", type=float, default=1e-6)
+    s.add_argument("--lr", required=True, help="learning rates to try, comma-separated (e.g. 1e-3,2e-3,4e-3)")
+    s.add_argument("--steps", required=True, help="step counts to try, comma-separated (e.g. 50,100,200)")
+    s.add_argument("--reference-batch", type=int, default=None, help="expected batch of the private run "
+                   "(default: the TAN rule's for each step count)")
+    s.add_argument("--simulated-batch", type=int, default=None, help="batch of the trials (default: 128, or "
+                   "the number of units / 16 when smaller)")
+    s.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
+    s.add_argument("--repeats", type=int, default=1, help="runs per grid point, with shared seeds")
+    s.add_argument("--workers", type=int, default=1, help="trials run at once, each in its own process")
+    s.add_argument("--threads-per-worker", type=int, default=None, help="default: the CPUs shared among workers")
+    s.add_argument("--backend", choices=["processes", "ray"], default="processes",
+                   help="ray: Ray Tune runs the trials (pip install 'ray[tune]')")
+    s.add_argument("--seed", type=int, default=0, help="the trials' seeds (initialisation, sampling, noise)")
+    s.add_argument("--out", default=None, help="JSON of every trial and the recommendation (not private)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--method", choices=("lora", "full"), default="lora")
+    s.add_argument("--lora-rank", type=int, default=8)
+    s.add_argument("--lora-alpha", type=float, default=None, help="default: twice the rank")
+    s.add_argument("--lora-dropout", type=float, default=0.0)
+    s.add_argument("--lora-targets", default="attention")
+    s.add_argument("--base-dtype", choices=("bfloat16", "float16"), default=None)
+    s.add_argument("--privacy-unit", choices=("example", "user"), default="example")
+    s.add_argument("--max-examples-per-user", type=int, default=16)
+    s.add_argument("--max-grad-norm", type=float, default=1.0)
+    s.add_argument("--max-len", type=int, default=512)
+    s.add_argument("--packing", choices=("truncate", "split", "pack"), default="truncate")
+    s.add_argument("--micro-batch-size", type=int, default=8)
 
 
 # -- synthetic data ---------------------------------------------------------------------------------------
