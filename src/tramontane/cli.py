@@ -36,7 +36,22 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _stderr() -> Console:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
+    # one message, one line; under torchrun only rank 0 prints (`_join_torchrun`)
+    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=not _PRINTS)
+
+
+_PRINTS = True  # False on the ranks of a torchrun launch other than 0
+
+
+def _join_torchrun() -> bool:
+    """Under torchrun, join the launch's process group (DP-SGD spread over the processes,
+    `tramontane.dp.distributed`) and silence every rank but 0. True where outputs are printed and written."""
+    global _PRINTS
+    from tramontane.dp import distributed
+
+    distributed.replica_group()
+    _PRINTS = distributed.is_first()
+    return _PRINTS
 
 
 # -- model commands ----------------------------------------------------------------------------------------
@@ -964,9 +979,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     for name in ("data", "epsilon"):
         if getattr(args, name) is None:
             raise TramontaneError(f"tramontane synth needs --{name}")
+    first = _join_torchrun()
     if args.synth_command == "fit":
         _check_output(args.out_model, "--out-model", "folder", args.overwrite)
         synth, _, _ = _fit_synthesizer(args)
+        if not first:
+            return 0
         synth.save(args.out_model, overwrite=args.overwrite)
         _stderr().print(f"saved the synthesizer (model, schema, privacy ledger) to {args.out_model}")
         return 0
@@ -976,6 +994,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     _check_output(args.save_model, "--save-model", "folder", args.overwrite)
     _check_output(args.report, "--report", "folder", args.overwrite)
     synth, train, test = _fit_synthesizer(args)
+    if not first:
+        return 0
     assert synth.summary is not None  # fit() wrote it
     rows = args.rows if args.rows is not None else synth.summary.rows_dp  # N itself is not public
     synthetic = synth.sample(rows, seed=args.seed)
@@ -1368,6 +1388,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, canaries=args.canaries,
         canary_repetitions=tuple(int(r) for r in args.canary_repetitions.split(",")),
         eval_every=args.eval_every)
+    first = _join_torchrun()
     err = _stderr()
     try:
         with _Progress("DP-SGD" if config.private else "training") as progress:
@@ -1378,6 +1399,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         err.print(f"interrupted: the checkpoints in {Path(args.out) / 'run'} carry the ledger of every step taken; "
                   "continue with the same command and --resume")
         raise
+    if not first:
+        return 0
     if result.statement is not None:
         s = result.statement
         err.print(f"privacy: epsilon {s.epsilon_rdp:.4g} (RDP) / {s.epsilon_pld:.4g} (PLD) at delta {s.delta:g}, "

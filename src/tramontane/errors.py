@@ -98,3 +98,7 @@ class EndpointError(TramontaneError, RuntimeError):
         self.status = status
         self.retryable = retryable
         self.code = code
+
+
+class DistributedError(TramontaneError, RuntimeError):
+    """The processes of a distributed run disagree (replicas diverged) or one of them failed."""

@@ -35,6 +35,10 @@ Typical loop (one logical batch, possibly several physical micro-batches, per st
                     micro_batch_size=32)  # also for an empty batch: noise only
         optimizer.step(); optimizer.zero_grad()
 
+Over the processes of a torchrun launch, the engine takes a `reducer` (`distributed.ReplicaGroup`): each
+process records its shard of the batch, and `add_noise_and_set_grads` all-reduces the clipped sums and adds
+the noise rank 0 drew, once (`distributed.py`: the protocol and why the guarantee is unchanged).
+
 The parts, for a loop of one's own:
 
     with engine.record():
@@ -58,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tramontane.dp.distributed import Reducer, refuse_sharded
 from tramontane.dp.noise import SecureRandom
 from tramontane.dp.objective import Objective
 from tramontane.dp.recording import Recorder, Recording
@@ -116,12 +121,16 @@ class DPEngine:
             steps already taken, so that it draws fresh noise rather than replaying its first steps'.
         linear_strategy: "auto" (per layer, the cheaper of ghost norms and materialised per-example
             gradients), or "ghost" / "materialize" for every nn.Linear (testing, benchmarks).
+        reducer: None for one process; in a distributed run the group of processes that each record a shard
+            of every batch (`distributed.ReplicaGroup`): the clipped sums are added up over them and the noise
+            is rank 0's. Every process must then call `add_noise_and_set_grads` at every step.
 
     The parameters trained are those with requires_grad=True when the engine is built.
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, noise_multiplier: float,
-                 seed: int | None = None, first_step: int = 0, linear_strategy: str = "auto") -> None:
+                 seed: int | None = None, first_step: int = 0, linear_strategy: str = "auto",
+                 reducer: Reducer | None = None) -> None:
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
                 and max_grad_norm > 0):
             raise PrivacyParameterError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
@@ -134,8 +143,10 @@ class DPEngine:
                           "differentially private", TramontaneWarning, stacklevel=2)
         if linear_strategy not in LINEAR_STRATEGIES:
             raise ConfigError(f"linear_strategy must be one of {LINEAR_STRATEGIES}, got {linear_strategy!r}")
+        refuse_sharded(model)
         validate_model(model)
         self.model = model
+        self.reducer = reducer
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.linear_strategy = linear_strategy
@@ -348,15 +359,30 @@ class DPEngine:
         gradients are views into one buffer per (device, dtype), freshly allocated at every step.
 
         `expected_batch_size` is q N for Poisson sampling with rate q over N examples: a constant, so the
-        normalisation does not depend on the (private) realised batch size."""
+        normalisation does not depend on the (private) realised batch size.
+
+        With a `reducer`, the clipped sums are first added up over the processes (each recorded its shard of
+        the batch; a process whose shard was empty adds zeros), and the noise is rank 0's draw, broadcast:
+        every process sets the same `.grad`, with the noise in it once."""
         if self._rec is not None:
             raise DPUsageError("add_noise_and_set_grads() inside an engine.record() block")
         self._check_expected(expected_batch_size)
         std = self.noise_multiplier * self.max_grad_norm
         self._noise.next_step()
-        for (device, dtype), params in self._buckets().items():
+        buckets = self._buckets()
+        drawn: list[torch.Tensor] = []
+        for (device, dtype), params in buckets.items():
             numel = sum(p.numel() for p in params)
-            noisy = self._noise.normal(torch.Size([numel]), std / expected_batch_size, device, dtype)
+            if self.reducer is None or self.reducer.rank == 0:
+                drawn.append(self._noise.normal(torch.Size([numel]), std / expected_batch_size, device, dtype))
+            else:  # filled with rank 0's draw below
+                drawn.append(torch.empty(numel, device=device, dtype=dtype))
+        if self.reducer is not None:
+            self._running_sums()  # zeros where this process's shard of the batch was empty
+            assert self._flat is not None
+            self.reducer.all_reduce_sum([self._flat[key] for key in buckets])
+            self.reducer.broadcast_from_first(drawn)
+        for noisy, ((device, dtype), params) in zip(drawn, buckets.items()):
             if self._flat is not None:
                 noisy.add_(self._flat[(device, dtype)], alpha=1.0 / expected_batch_size)
             for param, grad in self._views(noisy, params).items():

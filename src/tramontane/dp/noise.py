@@ -18,6 +18,7 @@ says so. Use seeds for tests and debugging, not for releases. A seeded stream is
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -36,9 +37,13 @@ class SecureRandom:
         purpose: what the draws are for; it names the stream in the warning and labels the seed derivation,
             so generators of different purposes never share a stream, whatever their seeds.
         first_step: index of the first step, for a resumed run (ignored without a seed).
+        agree_seed: for the processes of a distributed run that must draw the same stream (Poisson sampling,
+            `distributed.ReplicaGroup.agree_seed`): maps each generator's seed to rank 0's, so an unseeded
+            run uses rank 0's fresh OS entropy on every rank.
     """
 
-    def __init__(self, seed: int | None, purpose: str, first_step: int = 0) -> None:
+    def __init__(self, seed: int | None, purpose: str, first_step: int = 0,
+                 agree_seed: Callable[[int], int] | None = None) -> None:
         if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
             raise PrivacyParameterError(f"first_step must be an integer >= 0, got {first_step!r}")
         if seed is not None:
@@ -46,7 +51,7 @@ class SecureRandom:
                 f"{purpose} uses a fixed seed ({seed}): it is reproducible and NOT secure; anyone who knows "
                 "the seed can predict it. Leave seed=None for a private run.",
                 TramontaneWarning, stacklevel=3)
-        self.seed, self.purpose = seed, purpose
+        self.seed, self.purpose, self._agree_seed = seed, purpose, agree_seed
         self.step: int | None = None  # index of the current step; None until the first
         self._next_step = first_step
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -62,8 +67,9 @@ class SecureRandom:
             self.next_step()
         assert self.step is not None
         if device not in self._generators:
+            seed = seed_for(self.seed, self.purpose, str(device), self.step)
             gen = torch.Generator(device=device)
-            gen.manual_seed(seed_for(self.seed, self.purpose, str(device), self.step))
+            gen.manual_seed(seed if self._agree_seed is None else self._agree_seed(seed))
             self._generators[device] = gen
         return self._generators[device]
 

@@ -11,7 +11,7 @@ size q N, never the realised one (which would depend on the data).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -29,10 +29,15 @@ class PoissonSampler:
     and makes step t's batch a function of (seed, t) alone (`noise.derive_seed`), independent of the
     noise an engine draws from the same seed. A resumed run passes `first_step` = the steps already
     taken, so that its seeded batches continue the run's sequence instead of repeating its first steps.
+
+    In a distributed run (`distributed.py`) each process passes its `shard` of 0..N-1 and the group's
+    `agree_seed`: every process draws the same N uniforms (rank 0's seed) and yields the sampled indices of
+    its shard, so the shards' batches add up to exactly the batch one process would draw.
     """
 
     def __init__(self, num_examples: int, sample_rate: float, steps: int | None = None,
-                 seed: int | None = None, first_step: int = 0) -> None:
+                 seed: int | None = None, first_step: int = 0, *, shard: range | None = None,
+                 agree_seed: Callable[[int], int] | None = None) -> None:
         if not isinstance(num_examples, int) or num_examples < 1:
             raise PrivacyParameterError(f"num_examples must be a positive integer, got {num_examples!r}")
         if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
@@ -41,8 +46,11 @@ class PoissonSampler:
             steps = max(1, round(1 / sample_rate))
         if not isinstance(steps, int) or steps < 1:
             raise PrivacyParameterError(f"steps must be a positive integer, got {steps!r}")
+        if shard is not None and not (shard.step == 1 and 0 <= shard.start <= shard.stop <= num_examples):
+            raise ConfigError(f"shard must be a contiguous range inside 0..{num_examples}, got {shard!r}")
         self.num_examples, self.sample_rate, self.steps = num_examples, float(sample_rate), steps
-        self._random = SecureRandom(seed, "Poisson sampling", first_step)
+        self.shard = shard
+        self._random = SecureRandom(seed, "Poisson sampling", first_step, agree_seed)
 
     @property
     def expected_batch_size(self) -> float:
@@ -56,7 +64,11 @@ class PoissonSampler:
         for _ in range(self.steps):
             self._random.next_step()
             draws = torch.rand(self.num_examples, generator=self._random.generator("cpu"))
-            yield torch.nonzero(draws < self.sample_rate).flatten().tolist()
+            if self.shard is None:
+                yield torch.nonzero(draws < self.sample_rate).flatten().tolist()
+            else:  # all N uniforms are drawn, so that the stream is the one a single process draws
+                start, stop = self.shard.start, self.shard.stop
+                yield (torch.nonzero(draws[start:stop] < self.sample_rate).flatten() + start).tolist()
 
 
 def micro_batches(indices: Sequence[int], max_size: int) -> list[list[int]]:

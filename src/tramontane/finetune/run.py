@@ -14,7 +14,10 @@ What one run does, in order:
 3. Trains with `training.Trainer`: Poisson sampling of privacy units, the DP engine's step (per-unit
    clipping of the adapter gradients, Gaussian noise), a checkpoint every few steps in `RUN/run/` carrying
    the ledger. A killed run resumes with `resume=True` from the last checkpoint with the same ledger, the
-   same plan and the same canaries (`RUN/run/setup.json`, for the data holder only).
+   same plan and the same canaries (`RUN/run/setup.json`, for the data holder only). Under torchrun
+   (`tramontane.dp.distributed`) every process trains on its shard of each batch; rank 0 alone draws the
+   setup (canaries, seeds) and writes files, and the other processes return without writing (a result
+   with empty `release` and `holder`).
 4. Writes `RUN/adapter/` (PEFT layout, with `tramontane_privacy.json`: the ledger and the privacy unit) or,
    for `method="full"`, `RUN/model/`; then measures: the privacy card (RDP and PLD epsilon, membership and
    reconstruction bounds), each canary's exposure, the held-out loss and a loss-threshold membership attack.
@@ -53,6 +56,7 @@ from tramontane.accounting import DpSgdEvent, PrivacyLedger, PrivacyStatement
 from tramontane.audit import exposure as canary_audit
 from tramontane.audit.card import ledger_bounds
 from tramontane.audit.membership import attack_summary, loss_threshold_scores
+from tramontane.dp import distributed
 from tramontane.errors import ConfigError, PrivacyBudgetError
 from tramontane.files import HOLDER_MODE, SHAREABLE_MODE, write_json_atomic
 from tramontane.finetune import data as ft_data
@@ -415,7 +419,7 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
         raise ConfigError(f"{out} already holds a finished run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o700)
-    setup = _setup(run_dir, config, data_path, resume)
+    setup = distributed.on_first(lambda: _setup(run_dir, config, data_path, resume))  # rank 0's, under torchrun
 
     phase("reading and encoding the training records")
     records = ft_data.read_records(data_path)
@@ -469,6 +473,9 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
                                         target_epsilon=config.epsilon,
                                         dp_sgd=DpSgdEvent(plan.sample_rate or 1.0, plan.noise_multiplier or 0.0,
                                                           plan.steps))
+    if not distributed.is_first():  # under torchrun rank 0 writes and measures; every rank holds these weights
+        return FinetuneResult(out, out / ("adapter" if config.method == "lora" else "model"), plan, statement,
+                              {}, {})
     privacy = privacy_record(result.ledger, config)
     if config.method == "lora":
         weights_dir = out / "adapter"

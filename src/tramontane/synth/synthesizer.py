@@ -25,6 +25,9 @@ Sampling and saving are post-processing: `sample` draws rows from the model and 
 tilt that best fits the noisy marginals; numbers are drawn uniformly inside their bins. Rows are never
 logged. What each written field is (DP, public, or for the data holder only) is listed in
 `tramontane.synth.release`.
+Under torchrun (`tramontane.dp.distributed`) every process trains on its shard of each DP-SGD batch; rank 0
+alone plans (schema, row count: the spends before training) and measures the marginals, and every process
+gets its results, so all hold the same model and ledger.
 The ledger travels with the saved synthesizer. A budget that cannot be met is refused before any private
 read when it can be known then; a refusal after a spend keeps that spend on `Synthesizer.ledger`.
 """
@@ -48,6 +51,7 @@ from torch import nn
 
 from tramontane import accounting
 from tramontane.accounting import DpSgdEvent, GaussianEvent, PrivacyEvent, PrivacyLedger, PrivacyStatement
+from tramontane.dp import distributed
 from tramontane.dp.noise import SecureRandom
 from tramontane.errors import ConfigError, DataError, PrivacyError, PrivacyParameterError, SchemaError
 from tramontane.files import SHAREABLE_MODE, write_dir_atomic, write_json_atomic
@@ -503,15 +507,24 @@ class Synthesizer:
             self.schema.check_columns(test)
         c = self.config
         run_dir = Path(run_dir) if run_dir is not None else None
-        plan = _FitPlan.read(run_dir) if run_dir is not None else None
-        if plan is not None:
-            schema, rows = self._resume_plan(plan, df)
-        else:
+        planned: list[tuple[Schema, pd.DataFrame]] = []
+
+        def plan_fit() -> _FitPlan:  # spends on the rows: once, by rank 0 alone under torchrun
+            plan = _FitPlan.read(run_dir) if run_dir is not None else None
+            if plan is not None:
+                planned.append(self._resume_plan(plan, df))
+                return plan
             if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
                 raise ConfigError(f"{run_dir} is not empty and holds no run to resume: choose a new folder")
             schema, rows, plan = self._prepare(df)
+            planned.append((schema, rows))
             if run_dir is not None:
                 plan.write(run_dir)
+            return plan
+
+        plan = distributed.on_first(plan_fit)
+        # the other processes of a torchrun launch take rank 0's plan as a resumed fit does: spending nothing
+        schema, rows = planned[0] if planned else self._resume_plan(plan, df)
         codec = TabularCodec(schema)
         vids = schema.value_ids(rows)
 
@@ -574,21 +587,26 @@ class Synthesizer:
         again."""
         c = self.config
         assert self.schema is not None  # fit() set it before measuring
+        schema = self.schema
         path = run_dir / MARGINALS_FILE if run_dir is not None else None
-        if path is not None and path.is_file():
-            ms = MarginalSet.from_dict(json.loads(path.read_text()))
-        else:
+
+        def measure() -> MarginalSet:  # once, by rank 0 alone under torchrun; every process gets the result
+            if path is not None and path.is_file():
+                return MarginalSet.from_dict(json.loads(path.read_text()))
             rng = numpy_rng(self.seed, "marginal pool")
             pool = self._model_ids(max(1000, int(c.pool_factor * plan.rows_dp)), rng)
             budget = marginals.MarginalBudget(plan.marginal_sigma, plan.selection_epsilon,
-                                              len(self.schema), plan.marginal_rounds)
+                                              len(schema), plan.marginal_rounds)
             noise_seed = derived_seed(self.noise_seed, "marginals")
-            ms = marginals.select_adaptive(self.schema, budget, pool, vids, plan.rows_dp, noise_seed,
+            ms = marginals.select_adaptive(schema, budget, pool, vids, plan.rows_dp, noise_seed,
                                            (c.marginal_groups, c.pair_groups, c.triple_groups))
             if ms.events() != budget.events():
                 raise AssertionError("what is measured must be what the plan calibrated for")
             if path is not None:
                 write_json_atomic(path, ms.to_dict())
+            return ms
+
+        ms = distributed.on_first(measure)
         for event in ms.events():
             self.ledger.append(event)
         return ms

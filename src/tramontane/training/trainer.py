@@ -14,6 +14,12 @@ refused (`ConfigError`), since a resume must never drop spending. With `noise_se
 draw independent streams derived from it, and a resumed run draws what the uninterrupted run would have
 drawn at the same steps (`tramontane.dp.noise`), never a replay of its first steps.
 
+Under torchrun (`tramontane.dp.distributed`), the trainer joins the launch's process group: each process
+samples and clips its shard of every Poisson batch, the engine adds up the clipped sums and adds rank 0's
+noise once, rank 0's initial weights are broadcast so the replicas start (and stay) bit-identical, and
+rank 0 alone writes the checkpoints. The batches and the noise are those of a single-process run with the
+same seed, and a checkpoint holds no per-process state: a run resumes with any number of processes.
+
 Budget: with `target_epsilon`, the run refuses to start (`PrivacyBudgetError`, nothing spent) when the
 planned steps would exceed it given what the ledger already holds, and it can never take a step past it.
 With only `target_epsilon` (no `noise_multiplier`), sigma is calibrated so that exactly the planned steps fit.
@@ -36,7 +42,7 @@ from torch import nn
 
 from tramontane import accounting
 from tramontane.accounting import DpSgdEvent, PrivacyEvent, PrivacyLedger
-from tramontane.dp import DPEngine, Objective, PoissonSampler, micro_batches
+from tramontane.dp import DPEngine, Objective, PoissonSampler, distributed, micro_batches
 from tramontane.errors import ConfigError, PrivacyBudgetError
 from tramontane.training.state import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -151,6 +157,7 @@ class Trainer:
         self.save_frozen = save_frozen  # False: checkpoints hold the trained parameters only (an adapter's)
         self.ledger = ledger if ledger is not None else PrivacyLedger()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.group = distributed.replica_group()  # None: one process
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
@@ -248,24 +255,34 @@ class Trainer:
             self.ledger.append(event)
 
     def save(self) -> Path | None:
+        """Write a checkpoint (rank 0 only in a distributed run: the others wait for it)."""
         if self.run_dir is None:
             return None
-        state = TrainState(self.step, self.ledger, self._config_record(), self.history, torch.get_rng_state())
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, state,
-                               trainable_only=not self.save_frozen)
+        run_dir = self.run_dir
+
+        def write() -> Path:
+            state = TrainState(self.step, self.ledger, self._config_record(), self.history, torch.get_rng_state())
+            return save_checkpoint(run_dir, self.model, self.optimizer, state, trainable_only=not self.save_frozen)
+
+        return write() if self.group is None else self.group.on_first(write)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _private_batches(self, steps: int) -> Iterator[list[int]]:
         # The seed reaches sampler and engine alike: each derives its own stream from it (purpose-labelled),
         # from this run's step index on, so a resumed run continues both streams.
+        # Distributed: the same draws on every process (rank 0's seed), each keeping its shard's examples.
         assert self.sample_rate is not None
+        group = self.group
         sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=steps,
-                                 seed=self.config.noise_seed, first_step=self.step)
+                                 seed=self.config.noise_seed, first_step=self.step,
+                                 shard=group.shard(self.num_examples) if group is not None else None,
+                                 agree_seed=group.agree_seed if group is not None else None)
         yield from sampler
 
     def _plain_batches(self, steps: int) -> Iterator[list[int]]:
+        seed = self.config.data_seed if self.config.data_seed is not None else torch.seed()
         gen = torch.Generator()
-        gen.manual_seed(self.config.data_seed if self.config.data_seed is not None else torch.seed())
+        gen.manual_seed(seed if self.group is None else self.group.agree_seed(seed))
         size = min(self.config.batch_size, self.num_examples)
         done = 0
         while done < steps:
@@ -277,23 +294,38 @@ class Trainer:
                 done += 1
 
     def _plain_step(self, indices: list[int]) -> float:
+        mine = indices
+        if self.group is not None:  # this process's share of the batch; the gradients are summed below
+            shard = self.group.shard(self.num_examples)
+            mine = [i for i in indices if i in shard]
         total, rows = 0.0, 0
-        for micro in micro_batches(indices, self.config.micro_batch_size):
+        for micro in micro_batches(mine, self.config.micro_batch_size):
             batch, _ = self.objective.rows(micro)
             losses = self.objective.losses(self.model, batch)
             (losses.sum() / len(indices)).backward()
             total, rows = total + float(losses.detach().sum()), rows + losses.shape[0]
+        if self.group is not None:
+            grads = []
+            for param in self.params:
+                if param.grad is None:  # unused by this process's examples: it adds zeros
+                    param.grad = torch.zeros_like(param)
+                grads.append(param.grad)
+            self.group.all_reduce_sum(grads)
         return total / max(rows, 1)
 
     def fit(self) -> TrainResult:
         c = self.config
         self.model.train()
         remaining = c.steps - self.step
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.group is not None:  # one starting point, rank 0's (e.g. a fresh adapter's random init)
+            self.group.broadcast_from_first([p.detach() for p in self.params])
+            self.group.check_in_sync(self.model.named_parameters())  # the frozen weights too
         engine = None
         if c.private:
             assert self.noise_multiplier is not None
             engine = DPEngine(self.model, max_grad_norm=c.max_grad_norm, noise_multiplier=self.noise_multiplier,
-                              seed=c.noise_seed, first_step=self.step)
+                              seed=c.noise_seed, first_step=self.step, reducer=self.group)
             batches = self._private_batches(remaining) if remaining > 0 else iter(())
         else:
             batches = self._plain_batches(remaining)
@@ -315,6 +347,8 @@ class Trainer:
                 assert self.sample_rate is not None and self.noise_multiplier is not None
                 self.ledger.append(DpSgdEvent(self.sample_rate, self.noise_multiplier, 1, c.label))
             self.step += 1
+            if self.group is not None:
+                self.group.check_in_sync(named, step=self.step)
             info = {"train_loss": loss, "lr": float(self.scheduler.get_last_lr()[0]),
                     "batch": float(len(indices))}
             if self.evaluate is not None and c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
@@ -327,6 +361,8 @@ class Trainer:
                 self.on_step(self.step, c.steps, info)
             if self.run_dir is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                 self.save()
+        if self.group is not None:
+            self.group.check_in_sync(named)
         self.model.eval()
         self.save()
         eps = None
