@@ -66,7 +66,6 @@ from tramontane.models.checkpoint import load_model, save_model
 from tramontane.seeding import numpy_rng, seed_for
 from tramontane.tokenizer import Tokenizer
 from tramontane.training.objectives import IGNORE_INDEX, LanguageModelingObjective, token_losses
-from tramontane.training.state import latest_checkpoint
 from tramontane.training.trainer import StepCallback, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -383,7 +382,31 @@ def _encode_all(tokenizer: Tokenizer, records: Sequence[ft_data.Record]) -> list
     return [ft_data.encode_record(tokenizer, record) for record in records]
 
 
-def _load_base(model_dir: Path, config: FinetuneConfig, init_adapter: Path | None) -> nn.Module:
+def training_rows(tokenizer: Tokenizer, records: Sequence[ft_data.Record], config: FinetuneConfig,
+                  data_seed: int) -> tuple[ft_data.PackedExamples, int]:
+    """The records as packed training rows, each tagged with its privacy unit, and how many examples were
+    dropped to bound a user's contribution (`max_examples_per_user`, chosen with `data_seed`)."""
+    encoded = _encode_all(tokenizer, records)
+    units = ft_data.units_for(records, config.privacy_unit)
+    dropped = 0
+    if config.privacy_unit == "user":
+        keep, dropped = ft_data.bound_contributions(units, config.max_examples_per_user,
+                                                    np.random.default_rng(data_seed))
+        encoded = [encoded[i] for i in keep]
+        units = [units[i] for i in keep]
+    return ft_data.pack_examples(encoded, units, config.max_len, mode=config.packing), dropped
+
+
+def held_out_rows(tokenizer: Tokenizer, path: Path, config: FinetuneConfig) -> ft_data.PackedExamples:
+    """The held-out records of `path`, one row each (truncated to `max_len`)."""
+    encoded = _encode_all(tokenizer, ft_data.read_records(path))
+    return ft_data.pack_examples(encoded, list(range(len(encoded))), config.max_len, mode="truncate")
+
+
+def load_base(model_dir: Path, config: FinetuneConfig, init_adapter: Path | None = None,
+              lora_seed: int | None = None) -> nn.Module:
+    """The float32 base checkpoint with the adapters to train: `init_adapter`'s, or fresh ones whose random
+    initialisation `lora_seed` makes reproducible (a public choice); only the adapters train."""
     model, _ = load_model(model_dir, dtype=torch.float32)
     if config.method == "lora":
         if init_adapter is not None:
@@ -395,7 +418,7 @@ def _load_base(model_dir: Path, config: FinetuneConfig, init_adapter: Path | Non
                 param.requires_grad_("lora_" in name)
         else:  # the adapters' random initialisation, reproducible with a seed (a public choice)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_for(config.seed, "finetune", "lora init"))
+                torch.manual_seed(seed_for(lora_seed, "finetune", "lora init"))
                 add_lora(model, config.lora,
                          base_dtype=getattr(torch, config.base_dtype) if config.base_dtype else None)
     elif init_adapter is not None:
@@ -427,20 +450,8 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
     canaries = [canary_audit.Canary.from_dict(c) for c in setup["canaries"]]
     real_users = {str(r.user_id) for r in records if r.user_id is not None}
     records += ft_data.records_from_dicts(canary_audit.canary_records(canaries, real_users), source="canaries")
-    encoded = _encode_all(tokenizer, records)
-    units = ft_data.units_for(records, config.privacy_unit)
-    dropped = 0
-    if config.privacy_unit == "user":
-        keep, dropped = ft_data.bound_contributions(units, config.max_examples_per_user,
-                                                    np.random.default_rng(setup["data_seed"]))
-        encoded = [encoded[i] for i in keep]
-        units = [units[i] for i in keep]
-    packed = ft_data.pack_examples(encoded, units, config.max_len, mode=config.packing)
-    held = None
-    if eval_data is not None:
-        held_records = ft_data.read_records(Path(eval_data))
-        held_encoded = _encode_all(tokenizer, held_records)
-        held = ft_data.pack_examples(held_encoded, list(range(len(held_encoded))), config.max_len, mode="truncate")
+    packed, dropped = training_rows(tokenizer, records, config, setup["data_seed"])
+    held = held_out_rows(tokenizer, Path(eval_data), config) if eval_data is not None else None
     n_units = int(packed.unit_of_row.max()) + 1 if packed.unit_of_row.numel() else 0
     if n_units == 0:
         raise ConfigError(f"{data_path} has no training example left")
@@ -449,7 +460,7 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
     phase(f"{'DP-SGD' if config.private else 'training'}: {plan.steps} steps, expected batch {plan.batch_size} "
           f"of {n_units} {config.privacy_unit}s" + (f", noise multiplier {plan.noise_multiplier:.4g}"
                                                    if config.private else ""))
-    model = _load_base(model_dir, config, init)
+    model = load_base(model_dir, config, init, lora_seed=config.seed)
     objective = LanguageModelingObjective(packed.inputs, packed.labels, example_of_row=packed.unit_of_row,
                                           trim_padding=True)
     train_config = TrainConfig(

@@ -22,15 +22,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
 from tramontane.errors import ConfigError, TramontaneWarning
 from tramontane.finetune import data as ft_data
-from tramontane.finetune.lora import add_lora
-from tramontane.finetune.run import FinetuneConfig, row_losses
-from tramontane.models.checkpoint import load_model
+from tramontane.finetune.run import FinetuneConfig, held_out_rows, load_base, row_losses, training_rows
 from tramontane.seeding import seed_for
 from tramontane.tokenizer import Tokenizer
 from tramontane.training.objectives import LanguageModelingObjective
@@ -95,7 +89,7 @@ class FinetuneTask:
             raise ConfigError(f"the trial was planned for {trial.dataset_size} privacy units but {self.data} has "
                               f"{examples.units}: plan with FinetuneTask.dataset_size()")
         c = self.config
-        model = _base_model(Path(self.model_dir), c, trial.seed)
+        model = load_base(Path(self.model_dir), c, lora_seed=trial.seed)
         objective = LanguageModelingObjective(examples.train.inputs, examples.train.labels,
                                               example_of_row=examples.train.unit_of_row, trim_padding=True)
         # A private run in mechanics (Poisson sampling, clipping, noise), not in fact: its sigma is far behind
@@ -129,28 +123,9 @@ def _examples(task: FinetuneTask) -> _Examples:
 def _read_examples(task: FinetuneTask) -> _Examples:
     c = task.config
     tokenizer = Tokenizer.from_model_dir(task.model_dir)
-    records = ft_data.read_records(Path(task.data))
-    encoded = [ft_data.encode_record(tokenizer, record) for record in records]
-    units = ft_data.units_for(records, c.privacy_unit)
-    if c.privacy_unit == "user":
-        rng = np.random.default_rng(seed_for(c.seed, "finetune", "data"))
-        keep, _ = ft_data.bound_contributions(units, c.max_examples_per_user, rng)
-        encoded, units = [encoded[i] for i in keep], [units[i] for i in keep]
-    train = ft_data.pack_examples(encoded, units, c.max_len, mode=c.packing)
-    held_encoded = [ft_data.encode_record(tokenizer, r) for r in ft_data.read_records(Path(task.eval_data))]
-    held = ft_data.pack_examples(held_encoded, list(range(len(held_encoded))), c.max_len, mode="truncate")
-    return _Examples(train, held)
-
-
-def _base_model(model_dir: Path, config: FinetuneConfig, seed: int | None) -> nn.Module:
-    """The base checkpoint, with fresh LoRA adapters (seeded by the trial) for method 'lora'."""
-    model, _ = load_model(model_dir, dtype=torch.float32)
-    if config.method == "lora":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(seed, "finetune", "lora init"))
-            add_lora(model, config.lora,
-                     base_dtype=getattr(torch, config.base_dtype) if config.base_dtype else None)
-    return model
+    train, _ = training_rows(tokenizer, ft_data.read_records(Path(task.data)), c,
+                             seed_for(c.seed, "finetune", "data"))
+    return _Examples(train, held_out_rows(tokenizer, Path(task.eval_data), c))
 
 
 def finetune_arguments(config: FinetuneConfig) -> list[str]:
