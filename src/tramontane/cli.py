@@ -68,7 +68,8 @@ def _format(name: str | None) -> Format | None:
 
 
 _COMMAND_LINE_HINTS = (
-    ("pass format='consolidated' or format='hf' to choose", "choose one with --format consolidated|hf"),
+    ("pass format='consolidated' or format='hf' to choose",
+     "choose one with --format consolidated|hf, or keep only one in the --model folder"),
     ("pass the one to use to Tokenizer.from_file", "keep only the one to use in the --model folder"),
     ("use Tokenizer.from_model_dir() or pass the file", "move it out of the --model folder"),
     ("(load text models with tramontane.models.checkpoint.load_model)",

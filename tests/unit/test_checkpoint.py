@@ -341,7 +341,6 @@ def test_params_not_matching_weights(tmp_path):
 @pytest.mark.parametrize("change, name", [
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "llama"),
     ({"architectures": ["MistralModel"]}, "MistralModel"),
-    ({"architectures": ["LlavaForConditionalGeneration"], "model_type": None}, "LlavaForConditional"),
 ])
 def test_unsupported_architecture_is_named(tmp_path, change, name):
     save_model(_model(), tmp_path / "h", format="hf")
@@ -350,6 +349,16 @@ def test_unsupported_architecture_is_named(tmp_path, change, name):
     config = {k: v for k, v in config.items() if v is not None}
     (tmp_path / "h" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=name):
+        load_model(tmp_path / "h")
+
+
+def test_a_vision_language_config_is_sent_to_its_loader(tmp_path):
+    save_model(_model(), tmp_path / "h", format="hf")
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    config.pop("model_type")
+    config["architectures"] = ["LlavaForConditionalGeneration"]
+    (tmp_path / "h" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="vision-language.*load_vision_language_model"):
         load_model(tmp_path / "h")
 
 
