@@ -24,6 +24,11 @@ the routing and refuses the model (UnsupportedModuleError); train expert adapter
 
 Adapters are kept in float32 (float64 over a float64 base) even when the base is cast to bfloat16/float16
 (`add_lora(base_dtype=...)`): the adapter path runs in the adapter dtype and its output is cast to the base's.
+
+The base may be quantized (`models.quant.quantize_model` before `add_lora`, QLoRA-style): a quantized layer
+holds no parameters, and in training mode (or with an input that needs a gradient) it runs as the float layer
+with its dequantized weight, so gradients flow through it to the adapters below. Such adapters cannot be merged
+into the int8/int4 weight (`merge_lora` refuses): merge them into the float checkpoint instead.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import nn
 from tramontane.errors import ConfigError
 from tramontane.models.layers import Attention, FeedForward
 from tramontane.models.moe import MoeLayer
+from tramontane.models.quant import QuantizedLinear
 from tramontane.tensorfiles import check_tensors, resolve_dtype
 
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -119,20 +125,21 @@ class LoraConfig:
 
 
 class LoraLinear(nn.Module):
-    """base(x) + scaling * lora_B(lora_A(dropout(x))), `base` a frozen nn.Linear.
+    """base(x) + scaling * lora_B(lora_A(dropout(x))), `base` a frozen nn.Linear or quantized linear layer.
 
     Initialised as PEFT does: A Kaiming-uniform (a = sqrt(5)), B zero, so the adapted layer starts equal to
     the base. The adapters live on the base's device, in `dtype` (default: float32, or float64 over a float64
     base)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, *,
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0, *,
                  use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
-        dtype = dtype or torch.promote_types(base.weight.dtype, torch.float32)
-        device = base.weight.device
+        base_dtype, device = ((base.dtype, base.device) if isinstance(base, QuantizedLinear)
+                              else (base.weight.dtype, base.weight.device))
+        dtype = dtype or torch.promote_types(base_dtype, torch.float32)
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -223,7 +230,7 @@ def add_lora(model: _M, config: LoraConfig, *,
         param.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        assert isinstance(base, nn.Linear), name
+        assert isinstance(base, (nn.Linear, QuantizedLinear)), name
         lora = LoraLinear(base, config.rank, config.alpha, config.dropout, use_rslora=config.use_rslora)
         lora.train(model.training)
         _replace(model, name, lora)
@@ -264,8 +271,13 @@ def merge_lora(model: _M) -> _M:
     adapters = lora_modules(model)
     if not adapters:
         raise ConfigError("the model has no LoRA adapters to merge")
+    if any(isinstance(lora.base, QuantizedLinear) for lora in adapters.values()):
+        raise ConfigError("the adapters sit on a quantized base, which cannot absorb them without rounding them "
+                          "away; save the adapter, load it over the float checkpoint and merge there (then "
+                          "quantize the merged model)")
     with torch.no_grad():
         for name, lora in adapters.items():
+            assert isinstance(lora.base, nn.Linear), name
             weight = lora.base.weight
             merged = weight.to(lora.lora_A.weight.dtype) + lora.delta_weight()
             weight.copy_(merged.to(weight.dtype))

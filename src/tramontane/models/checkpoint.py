@@ -13,6 +13,9 @@ Two traps live here and nowhere else:
   `mlp.experts.gate_up_proj` [E, 2*hidden, D] (gate rows first) and `mlp.experts.down_proj` [E, D, hidden].
   Both are read; the per-expert layout is written.
 
+A weight-only quantized model (`models.quant`) saves and loads in the consolidated format only, in the layout
+that module's docstring describes (params.json's `quantization` entry says which).
+
 Loading builds the model on the meta device and assigns the tensors read from disk, so weights are never held
 twice. Every name and shape is checked against the model before any tensor data is read. Saving writes into a
 temporary directory next to the target and renames it, so a crash never leaves half a checkpoint.
@@ -34,6 +37,13 @@ from torch import nn
 from tramontane.errors import CheckpointError, ConfigError
 from tramontane.files import fsync_path  # noqa: F401 - re-exported: the old import path keeps working
 from tramontane.models.args import DEFAULT_ROPE_THETA, ModelArgs, MoeArgs
+from tramontane.models.quant import (
+    QuantConfig,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    quantization_config,
+    quantize_model,
+)
 from tramontane.models.transformer import Transformer
 from tramontane.tensorfiles import (
     DTYPES,
@@ -77,11 +87,15 @@ def load_model(
     format: Format | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
+    quantize: QuantConfig | str | None = None,
 ) -> tuple[Transformer, ModelArgs]:
     """Load a checkpoint directory (format detected unless given) into a `Transformer` on `device`.
 
-    `dtype` None keeps the checkpoint's dtype (that of its embedding tensor). Raises `CheckpointError` for
-    missing/ambiguous/corrupt files or tensors that do not match the config, `ConfigError` for a bad config.
+    `dtype` None keeps the checkpoint's dtype (that of its embedding tensor). `quantize` ("int8", "int4" or a
+    `models.quant.QuantConfig`) quantizes the decoder's linear layers after loading a float checkpoint; a
+    checkpoint saved quantized (see `models.quant`) loads as it was saved, and `quantize`, if given, must
+    describe the same scheme. Raises `CheckpointError` for missing/ambiguous/corrupt files or tensors that do
+    not match the config, `ConfigError` for a bad config.
     """
     path = Path(path)
     fmt = detect_format(path, format)
@@ -91,6 +105,13 @@ def load_model(
         raise CheckpointError(f"{path} holds a {loader[0]} checkpoint, not a text-only model: load it with "
                               f"{loader[1]} (the CLI's generate, chat, transcribe and serve detect the kind)")
     args = load_args(path, format=fmt)
+    wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
+    if "quantization" in args.extra:
+        saved = QuantConfig.from_params(args.extra["quantization"])
+        if wanted is not None and wanted != saved:
+            raise ConfigError(f"{path} is already quantized ({saved}); load it without quantize=, or quantize "
+                              "the float checkpoint it was made from")
+        return _load_quantized(path, args, saved, dtype, device), args
     state = read_state_dict(path, args, format=fmt, dtype=dtype, device=device)
     with torch.device("meta"):
         model = Transformer(args)
@@ -98,6 +119,8 @@ def load_model(
     if args.tied_embeddings:  # assign=True wrapped the shared tensor in two Parameters: tie them again
         model.output.weight = model.tok_embeddings.weight
     assert not any(t.is_meta for t in model.state_dict().values())
+    if wanted is not None:
+        quantize_model(model, wanted)
     return model, args
 
 
@@ -123,6 +146,9 @@ def save_model(
         if not isinstance(args, ModelArgs):
             raise ConfigError("save_model needs `args=ModelArgs(...)` for a module without `.args`")
     state = model.state_dict()
+    quantized = quantization_config(model)
+    if quantized is not None:
+        return _save_quantized(model, state, Path(path), fmt, dtype, args, quantized, overwrite)
     check_tensors({k: tuple(v.shape) for k, v in state.items()}, _expected_shapes(args),
                    f"the model does not match its ModelArgs ({_describe(args)})")
     target_dtype = resolve_dtype(dtype) or state["tok_embeddings.weight"].dtype
@@ -207,8 +233,10 @@ def load_args(path: str | Path, *, format: Format | None = None) -> ModelArgs:
     fmt = detect_format(path, format)
     if fmt == "consolidated":
         args = ModelArgs.load(path / "params.json")
-        if args.extra.get("quantization"):
-            raise ConfigError(f"{path / 'params.json'} describes a quantized checkpoint; not supported")
+        if args.extra.get("quantization"):  # ours loads (models.quant's layout); any other scheme is refused
+            QuantConfig.from_params(args.extra["quantization"], str(path / "params.json"))
+        elif "quantization" in args.extra:
+            del args.extra["quantization"]  # an empty entry: a float checkpoint
         return args
     return args_from_hf_config(read_json_object(path / "config.json"))
 
@@ -228,6 +256,9 @@ def read_state_dict(
     """
     path = Path(path)
     fmt = detect_format(path, format)
+    if "quantization" in args.extra:
+        raise CheckpointError(f"{path} holds a quantized checkpoint (models.quant's layout): load it with "
+                              "load_model, which rebuilds its quantized layers")
     files = weight_files(path, fmt)
     entries = scan_tensors(files)
     plan = _consolidated_plan(args) if fmt == "consolidated" else _hf_plan(args, entries)
@@ -263,6 +294,92 @@ def read_state_dict(
     if args.tied_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return state
+
+
+# ------------------------------------------------------------------------------- quantized checkpoints
+
+# safetensors tags of the tensors models.quant stores (qweight int8 / uint8, bfloat16 scales and zeros)
+_QUANT_TAGS = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16"}
+
+
+def _quantized_skeleton(args: ModelArgs, config: QuantConfig) -> Transformer:
+    """A meta-device model with `config`'s quantized modules in place: its state dict names the tensors of a
+    quantized checkpoint, with their shapes and (for the quantized ones) dtypes."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return quantize_model(model, config)
+
+
+def _quantized_names(model: Transformer) -> set[str]:
+    """State-dict names of the quantized modules' tensors (stored in their own dtypes, never cast)."""
+    return {f"{prefix}.{name}" for prefix, module in model.named_modules()
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) for name in module.state_dict()}
+
+
+def _load_quantized(path: Path, args: ModelArgs, config: QuantConfig, dtype: torch.dtype | str | None,
+                    device: str | torch.device) -> Transformer:
+    """Load a checkpoint `save_model` wrote from a quantized model (consolidated format, models.quant's
+    layout): names, shapes and the quantized tensors' dtypes are checked before any data is read."""
+    entries = scan_tensors(weight_files(path, "consolidated"))
+    model = _quantized_skeleton(args, config)
+    skeleton = model.state_dict()
+    tied = args.tied_embeddings and not config.output
+    if tied:
+        del skeleton["output.weight"]
+    check_tensors({k: e.shape for k, e in entries.items()}, {k: tuple(v.shape) for k, v in skeleton.items()},
+                  f"quantized checkpoint {path} does not match its config ({_describe(args)}, {config.mode})")
+    quantized = _quantized_names(model)
+    for name, entry in entries.items():
+        want = _QUANT_TAGS[skeleton[name].dtype] if name in quantized else None
+        if (want is not None and entry.dtype != want) or (want is None and entry.dtype not in SAFETENSORS_DTYPES):
+            raise CheckpointError(f"tensor {name!r} in {entry.file} has dtype {entry.dtype}, expected "
+                                  f"{want or 'a float dtype'} for a {config.mode} checkpoint")
+    float_names = [k for k in skeleton if k not in quantized]
+    target = resolve_dtype(dtype) or SAFETENSORS_DTYPES[entries[float_names[0]].dtype]
+    state: dict[str, torch.Tensor] = {}
+    for file in dict.fromkeys(e.file for e in entries.values()):
+        try:
+            with safe_open(file, framework="pt") as st:
+                for name in (k for k, e in entries.items() if e.file == file):
+                    tensor = st.get_tensor(name).to(device)
+                    state[name] = tensor if name in quantized else tensor.to(target)
+        except (SafetensorError, OSError) as err:
+            raise unreadable(file, err) from None
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    if config.embeddings:  # the rows come out in the model's dtype, like a float table's
+        model.tok_embeddings.weight = torch.empty(0, dtype=target, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    assert not any(t.is_meta for t in model.state_dict().values())
+    return model.eval()
+
+
+def _save_quantized(model: nn.Module, state: dict[str, torch.Tensor], path: Path, fmt: Format,
+                    dtype: torch.dtype | str | None, args: ModelArgs, config: QuantConfig,
+                    overwrite: bool) -> Path:
+    """`save_model` of a quantized model: params.json with the `quantization` entry and the layout of
+    models.quant; float tensors cast to `dtype` (default: the norms' dtype), quantized ones kept as they are."""
+    if fmt != "consolidated":
+        raise ConfigError("a quantized model saves in the consolidated format only (transformers does not read "
+                          "tramontane's int8/int4 layout); pass format='consolidated'")
+    skeleton = _quantized_skeleton(args, config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = args.tied_embeddings and not config.output
+    found = {k: tuple(v.shape) for k, v in state.items() if not (tied and k == "output.weight")}
+    if tied:
+        del expected["output.weight"]
+    check_tensors(found, expected, f"the quantized model does not match its ModelArgs ({_describe(args)})")
+    target_dtype = resolve_dtype(dtype) or state["norm.weight"].dtype
+    if target_dtype not in DTYPES.values():
+        raise ConfigError(f"cannot save dtype {target_dtype}; pass dtype= one of {sorted(DTYPES)}")
+    quantized = _quantized_names(skeleton)
+    tensors = {k: v.detach().to("cpu").contiguous() if k in quantized
+               else v.detach().to("cpu", target_dtype).contiguous()
+               for k, v in state.items() if k in expected}
+    params = args.to_params() | {"quantization": config.to_params()}
+    return write_dir_atomically(path, {"params.json": params, "consolidated.safetensors": tensors}, overwrite)
 
 
 # --------------------------------------------------------------------------------- HF config <-> ModelArgs

@@ -1,0 +1,554 @@
+"""Weight-only quantization of a Mistral decoder: int8 per output channel, int4 in groups of columns.
+
+`quantize_model(model, "int8" | "int4")` replaces the decoder's linear layers (attention `wq wk wv wo`, the
+feed-forward `w1 w2 w3`, every MoE expert's; never the MoE router `gate`) by `Int8Linear` / `Int4Linear`,
+optionally the output head too, and the token embeddings by a `QuantizedEmbedding`. Activations stay in the
+model's dtype; only the stored weights shrink, so decoding at batch 1, which reads every weight once per token,
+reads 1 byte (int8) or ~0.56 byte (int4, groups of 64) per weight instead of 4 (float32) or 2 (bfloat16).
+
+Quantization (round to nearest, computed in float32 from the float weights W [out, in]):
+- int8, symmetric per output row o: scale[o] = max_i |W[o, i]| / 127 (rounded to bfloat16 first),
+  q[o, i] = clamp(round(W[o, i] / scale[o]), -127, 127); W ~ q * scale.
+- int4, asymmetric per row and group of `group_size` consecutive columns (g = i // group_size):
+  scale[o, g] = (max - min) / 15 and zero[o, g] = min + 8 * scale (both rounded to bfloat16 first),
+  q[o, i] = clamp(round((W[o, i] - zero) / scale + 8), 0, 15); W ~ (q - 8) * scale + zero.
+  This is the convention of torch's int4 CPU kernel; `group_size` (default 64) must divide `in_features`.
+  At 64, int4 stores 0.5 byte + 4 bytes per 64 weights = 0.5625 byte/weight, as llama.cpp's Q4_0 does.
+
+Kernels: torch's own. torchao's int8 / int4 weight-only CPU layouts call these same two ops, so it would add a
+dependency and no speed.
+- int8: `aten._weight_int8pack_mm` (bfloat16 activations, plain [out, in] int8 weight, bf16 row scales).
+- int4: `aten._weight_int4pack_mm_for_cpu`, on the weight repacked by `aten._convert_weight_to_int4pack_for_cpu`
+  (needs out_features % 16 == 0 and group_size in 32/64/128/256). The layer then holds the weight in that
+  packing only; its state dict unpacks it (checked exactly against the packing op at pack time).
+Both are fast for a few rows (decoding) and slow for many, so a call over more than 16 (int8) / 64 (int4)
+rows (prefill), a call in training mode or whose input needs a gradient (LoRA over a frozen quantized base),
+a layer the int4 kernel cannot take, and any non-CPU device instead dequantize the weight to the activation
+dtype and run a dense `F.linear`: exactly the float layer with the dequantized weight. The kernels round the
+activations to bfloat16 (their only fast input type), so a float32 model's decode steps differ from its
+prefill by about bfloat16 precision.
+
+On-disk layout (`models.checkpoint.save_model` of a quantized model; consolidated format only):
+params.json carries the model's usual keys plus
+    "quantization": {"format": "tramontane-weight-only", "mode": "int8" | "int4",
+                     "group_size": 64 (int4 only), "embeddings": false, "output": false}
+and consolidated.safetensors holds, for every quantized layer `L` (e.g. `layers.0.attention.wq`), instead of
+`L.weight`:
+    int8: `L.qweight` int8 [out, in]; `L.scales` bfloat16 [out]
+    int4: `L.qweight` uint8 [out, in / 2], column 2j in the low nibble and 2j + 1 in the high nibble of
+          byte j; `L.scales`, `L.zeros` bfloat16 [out, in / group_size]
+with the same names under `tok_embeddings` (rows = vocabulary) when embeddings are quantized. Every other
+tensor (norms, unquantized embeddings or head) is stored as in a float checkpoint. The int4 kernel's own
+packing depends on the CPU's vector width, so it is never written: loading repacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tramontane.errors import ConfigError
+from tramontane.models.layers import Attention, FeedForward
+from tramontane.models.moe import MoeLayer
+
+logger = logging.getLogger(__name__)
+
+QUANT_FORMAT = "tramontane-weight-only"
+MODES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 64
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+SCALE_DTYPE = torch.bfloat16  # the kernels' scale dtype; stored so, so kernel and dequantization agree
+# Rows per call up to which the fused kernel beats dequantize + dense bf16 matmul (measured on an AVX-512 EPYC:
+# int8 breaks even between 16 and 32 rows, int4 between 64 and 128).
+INT8_KERNEL_ROWS = 16
+INT4_KERNEL_ROWS = 64
+
+_M = TypeVar("_M", bound=nn.Module)
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_INT4_KERNEL = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                    and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `quantize_model` quantizes and how: `mode` "int8" (per output channel) or "int4" (groups of
+    `group_size` input columns, default 64); the decoder's linear layers always, the token embeddings and the
+    output head when `embeddings` / `output` say so."""
+
+    mode: str
+    group_size: int | None = None  # int4 only
+    embeddings: bool = False
+    output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"quantization mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.mode == "int8":
+            if self.group_size is not None:
+                raise ConfigError("int8 quantization is per output channel and takes no group size; "
+                                  "leave group_size unset (it applies to int4)")
+        else:
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+            size = self.group_size
+            if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
+                raise ConfigError(f"int4 group_size must be an even integer >= 2 (e.g. 32, 64, 128), got {size!r}")
+        for name in ("embeddings", "output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"quantization {name} must be true or false, got {getattr(self, name)!r}")
+
+    def to_params(self) -> dict[str, Any]:
+        """The `quantization` entry of params.json."""
+        out: dict[str, Any] = {"format": QUANT_FORMAT, "mode": self.mode}
+        if self.group_size is not None:
+            out["group_size"] = self.group_size
+        return out | {"embeddings": self.embeddings, "output": self.output}
+
+    @classmethod
+    def from_params(cls, entry: Any, source: str = "params.json") -> QuantConfig:
+        """Parse a params.json `quantization` entry written by `to_params`; any other quantization scheme
+        raises ConfigError saying which ones load."""
+        if not isinstance(entry, dict) or entry.get("format") != QUANT_FORMAT:
+            raise ConfigError(
+                f"{source} describes a quantized checkpoint ({entry!r}) in a format tramontane does not read; "
+                f"it loads float checkpoints and its own weight-only int8/int4 layout (quantization format "
+                f"{QUANT_FORMAT!r}). Load the float checkpoint and pass quantize='int8' or 'int4' instead")
+        unknown = sorted(set(entry) - {"format", "mode", "group_size", "embeddings", "output"})
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown} in its quantization entry")
+        return cls(mode=entry.get("mode"), group_size=entry.get("group_size"),  # type: ignore[arg-type]
+                   embeddings=entry.get("embeddings", False), output=entry.get("output", False))
+
+
+# ------------------------------------------------------------------------------------ quantize, dequantize
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (q int8 [out, in], scales bfloat16 [out]) with W ~ q * scales[:, None]."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(SCALE_DTYPE).tiny).to(SCALE_DTYPE)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (q uint8 [out, in] with values 0..15, scales, zeros bfloat16 [out, in / group_size])
+    with W ~ (q - 8) * scale + zero per group of `group_size` columns."""
+    out_f, in_f = weight.shape
+    w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(SCALE_DTYPE).tiny).to(SCALE_DTYPE)
+    zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    return q.to(torch.uint8).reshape(out_f, in_f), scales, zeros
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [rows, cols] -> bytes [rows, cols / 2]: column 2j low nibble, 2j + 1 high."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q int8 [rows, cols], scales [rows] -> W [rows, cols] in `dtype` (computed in float32)."""
+    if dtype == torch.bfloat16 and scales.dtype == torch.bfloat16:
+        # The same numbers with no float32 temporaries: q is exact in bfloat16, and q * scale (8 x 8
+        # significant bits) is exact in the float32 arithmetic torch uses before its one rounding to bf16.
+        return q.to(dtype) * scales[:, None]
+    return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q values 0..15 [rows, cols] (unpacked), scales and zeros [rows, cols / group] -> W in `dtype`."""
+    rows, cols = q.shape
+    groups = scales.shape[1]
+    w = (q.reshape(rows, groups, cols // groups).float() - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.reshape(rows, cols).to(dtype)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied when it is not contiguous or not 64-byte aligned: torch's int8 CPU kernel crashes on
+    unaligned operands, such as tensors read straight out of a safetensors file."""
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.contiguous().clone()
+
+
+def _unpack_int4_cpu_kernel_layout(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Values 0..15 [rows, cols] from `_convert_weight_to_int4pack_for_cpu`'s AVX-512 packing: blocks of 64
+    rows, column-major inside a block, byte d of column k holding rows d (low) and d + 32 (high); a tail of
+    fewer than 64 rows is one block whose byte d holds rows 2d (low) and 2d + 1 (high). The caller checks the
+    result against the kernel's own packing (other vector widths pack otherwise)."""
+    full = rows // 64 * 64
+    parts = []
+    if full:
+        block = packed[:full].reshape(full // 64, cols, 32)  # blocks, column, byte
+        both = torch.cat([block & 15, block >> 4], dim=2)  # blocks, column, row in block
+        parts.append(both.permute(0, 2, 1).reshape(full, cols))
+    tail = rows - full
+    if tail:
+        block = packed[full:].reshape(cols, tail // 2)
+        parts.append(torch.stack([block & 15, block >> 4], dim=-1).reshape(cols, tail).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer y = x W^T (no bias) whose weight is stored quantized; see the module docstring
+    for when it runs a fused kernel and when it dequantizes. Holds buffers only: nothing in it trains."""
+
+    mode = ""
+    kernel_rows = 0
+    scales: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of its floating-point tensors (the scales)."""
+        return self.scales.dtype
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight W [out, in] this layer multiplies by, in `dtype`."""
+        raise NotImplementedError
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [N, in] bfloat16 contiguous on CPU -> [N, out] through the fused kernel, or None (no kernel)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (x.device.type == "cpu" and rows <= self.kernel_rows and not self.training
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            out = self._kernel(_aligned(x.reshape(rows, self.in_features).to(torch.bfloat16)))
+            if out is not None:
+                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight per output channel: buffers `qweight` int8 [out, in], `scales` bfloat16 [out]."""
+
+    mode = "int8"
+    kernel_rows = INT8_KERNEL_ROWS
+    qweight: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, device=linear.weight.device)
+        if not linear.weight.is_meta:
+            module.qweight, module.scales = quantize_int8(linear.weight)
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales, dtype)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not _HAS_INT8_KERNEL:
+            return None
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, _aligned(self.scales.to(torch.bfloat16)))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if not self.qweight.is_meta:  # `assign=True` may hand over unaligned file buffers
+            self.qweight, self.scales = _aligned(self.qweight), _aligned(self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight in groups of `group_size` input columns: buffers `scales`, `zeros` bfloat16
+    [out, in / group_size] and the weight, either as `qweight` (the portable nibble layout of the module
+    docstring) or, on CPU where torch's kernel takes the layer, only in the kernel's packing (`packed` and
+    `scales_and_zeros` [in / group_size, out, 2]). The state dict always holds the portable layout."""
+
+    mode = "int4"
+    kernel_rows = INT4_KERNEL_ROWS
+    zeros: torch.Tensor
+    qweight: torch.Tensor | None
+    packed: torch.Tensor | None
+    scales_and_zeros: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = DEFAULT_GROUP_SIZE,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features)
+        if in_features % group_size:
+            raise ConfigError(f"int4 group_size {group_size} does not divide in_features={in_features}; "
+                              f"choose a divisor of it (e.g. {_divisors_hint(in_features)})")
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("scales_and_zeros", None, persistent=False)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
+        module = cls(linear.in_features, linear.out_features, group_size, device=linear.weight.device)
+        if not linear.weight.is_meta:
+            q, module.scales, module.zeros = quantize_int4(linear.weight, group_size)
+            module.qweight = pack_nibbles(q)
+            module.pack_for_kernel()
+        return module
+
+    @property
+    def kernel_eligible(self) -> bool:
+        """Whether torch's CPU int4 kernel takes this layer's shape and group size."""
+        return (_HAS_INT4_KERNEL and self.out_features % 16 == 0
+                and self.group_size in INT4_KERNEL_GROUP_SIZES)
+
+    def values(self) -> torch.Tensor:
+        """The quantized values 0..15 [out, in] (uint8), from whichever layout the layer holds."""
+        if self.qweight is not None:
+            return unpack_nibbles(self.qweight)
+        assert self.packed is not None
+        return _unpack_int4_cpu_kernel_layout(self.packed, self.out_features, self.in_features)
+
+    def pack_for_kernel(self) -> None:
+        """Repack the weight for torch's CPU kernel (no-op off CPU, when packed, or when not eligible). The
+        portable copy is dropped when the kernel's packing is verified to unpack back to it exactly."""
+        if self.packed is not None or not self.kernel_eligible or self.scales.device.type != "cpu":
+            return
+        q = self.values()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
+        if torch.equal(_unpack_int4_cpu_kernel_layout(self.packed, self.out_features, self.in_features), q):
+            self.qweight = None
+        else:
+            logger.debug("int4 kernel packing not recognised; keeping the portable copy of the weight")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
+        # The kernel packing is CPU-only: moving to another device goes back to the portable layout first.
+        if self.packed is not None and fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
+            if self.qweight is None:
+                self.qweight = pack_nibbles(self.values())
+            self.packed = self.scales_and_zeros = None
+        super()._apply(fn, recurse)
+        return self
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(self.values(), self.scales, self.zeros, dtype)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.packed is None:
+            self.pack_for_kernel()
+            if self.packed is None:
+                return None
+        assert self.scales_and_zeros is not None
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
+                                                          self.scales_and_zeros.to(torch.bfloat16))
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # held in the kernel's packing only: write the portable layout
+            destination[prefix + "qweight"] = pack_nibbles(self.values())
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        if self.qweight is None:  # a None buffer is skipped by the default loader: give it a slot again
+            self.qweight = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
+                                       device=self.scales.device)
+        self.packed = self.scales_and_zeros = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if not self.scales.is_meta:
+            self.pack_for_kernel()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token-embedding table stored quantized (`mode` "int8" per row, "int4" per row and group, layouts as
+    `Int8Linear` / `Int4Linear`'s portable ones); looked-up rows are dequantized to the model's dtype."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    weight: torch.Tensor
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, mode: str, group_size: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
+        self.group_size = group_size
+        if mode == "int8":
+            self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(num_embeddings, dtype=SCALE_DTYPE, device=device))
+        else:
+            assert group_size is not None
+            if embedding_dim % group_size:
+                raise ConfigError(f"int4 group_size {group_size} does not divide the embedding dim "
+                                  f"{embedding_dim}; choose a divisor of it")
+            groups = embedding_dim // group_size
+            self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=SCALE_DTYPE, device=device))
+            self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=SCALE_DTYPE, device=device))
+        # `Transformer.device` and `.dtype` read `tok_embeddings.weight`: this empty tensor answers them in the
+        # dtype the looked-up rows come out in, and follows `.to()` like a real table would.
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, mode: str, group_size: int | None = None) -> QuantizedEmbedding:
+        table = embedding.weight
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, mode, group_size, table.dtype, table.device)
+        if not table.is_meta:
+            if mode == "int8":
+                module.qweight, module.scales = quantize_int8(table)
+            else:
+                assert group_size is not None
+                q, module.scales, module.zeros = quantize_int4(table, group_size)
+                module.qweight = pack_nibbles(q)
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table [num_embeddings, dim] in `dtype`."""
+        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device), dtype)
+
+    def _rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.mode == "int8":
+            return dequantize_int8(self.qweight[ids], self.scales[ids], dtype)
+        return dequantize_int4(unpack_nibbles(self.qweight[ids]), self.scales[ids], self.zeros[ids], dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        return self._rows(flat, self.weight.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode}{group}"
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linear layers weight-only quantization replaces: attention, dense FFN and MoE
+    expert projections of every decoder layer (not the router), in model order."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"quantization applies to a tramontane Transformer (its `layers`); got "
+                          f"{type(model).__name__}")
+    names = []
+    for i, block in enumerate(layers):
+        attention, ffn = getattr(block, "attention", None), getattr(block, "feed_forward", None)
+        if isinstance(attention, Attention):
+            names += [f"layers.{i}.attention.{n}" for n in ("wq", "wk", "wv", "wo")]
+        if isinstance(ffn, MoeLayer):
+            names += [f"layers.{i}.feed_forward.experts.{e}.{n}"
+                      for e in range(len(ffn.experts)) for n in ("w1", "w2", "w3")]
+        elif isinstance(ffn, FeedForward):
+            names += [f"layers.{i}.feed_forward.{n}" for n in ("w1", "w2", "w3")]
+    return names
+
+
+def _quantize_linear(linear: nn.Module, name: str, config: QuantConfig) -> QuantizedLinear:
+    if type(linear) is not nn.Linear or linear.bias is not None:
+        raise ConfigError(f"{name} is a {type(linear).__name__}, not a plain bias-free nn.Linear: quantize the "
+                          "model before adding LoRA adapters (or merge them first)")
+    if config.mode == "int8":
+        return Int8Linear.from_float(linear)
+    assert config.group_size is not None
+    if linear.in_features % config.group_size:
+        raise ConfigError(f"int4 group_size {config.group_size} does not divide the {linear.in_features} input "
+                          f"features of {name}; choose a divisor (e.g. {_divisors_hint(linear.in_features)})")
+    return Int4Linear.from_float(linear, config.group_size)
+
+
+def quantize_model(model: _M, mode: str | QuantConfig, *, group_size: int | None = None,
+                   include_embeddings: bool = False, include_output: bool = False) -> _M:
+    """Replace `model`'s decoder linear layers (see `decoder_linear_names`) by quantized ones, in place, and
+    record the scheme in `model.args.extra["quantization"]` (so `save_model` writes it). `mode` is "int8" or
+    "int4" (then `group_size`, default 64), or a `QuantConfig` (the keyword arguments must then be left unset).
+    Works on any Transformer-based model (Mixtral experts, the text decoder of Pixtral / Voxtral: their
+    encoders are left alone) and on the meta device (shapes only). Raises ConfigError for a model that is
+    already quantized, carries LoRA adapters, or whose layers the group size does not divide; nothing is
+    changed then. Returns `model`."""
+    if isinstance(mode, QuantConfig):
+        if group_size is not None or include_embeddings or include_output:
+            raise ConfigError("pass either a QuantConfig or mode= with keyword options, not both")
+        config = mode
+    else:
+        config = QuantConfig(mode, group_size, include_embeddings, include_output)
+    if quantization_config(model) is not None:
+        raise ConfigError("the model is already quantized; load the float checkpoint to quantize it otherwise")
+    names = decoder_linear_names(model)
+    args = getattr(model, "args", None)
+    if getattr(args, "tied_embeddings", False) and config.embeddings != config.output:
+        raise ConfigError("this model ties its output head to its embeddings: quantize both "
+                          "(include_embeddings=True, include_output=True) or neither")
+    targets = names + (["output"] if config.output else [])
+    for name in targets:  # check everything before changing anything
+        linear = model.get_submodule(name)
+        if type(linear) is not nn.Linear or linear.bias is not None:
+            _quantize_linear(linear, name, config)  # raises the error that explains
+        if config.mode == "int4" and linear.in_features % config.group_size:  # type: ignore[operator]
+            _quantize_linear(linear, name, config)
+    embedding = getattr(model, "tok_embeddings", None)
+    if config.embeddings:
+        if not isinstance(embedding, nn.Embedding):
+            raise ConfigError(f"the model has no nn.Embedding `tok_embeddings` to quantize (found "
+                              f"{type(embedding).__name__})")
+        if config.mode == "int4" and embedding.embedding_dim % config.group_size:  # type: ignore[operator]
+            raise ConfigError(f"int4 group_size {config.group_size} does not divide the embedding dim "
+                              f"{embedding.embedding_dim}; choose a divisor of it")
+    for name in targets:  # each new module keeps the train/eval mode of the one it replaces
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, leaf)
+        setattr(owner, leaf, _quantize_linear(old, name, config).train(old.training))
+    if isinstance(embedding, nn.Embedding) and config.embeddings:
+        model.tok_embeddings = QuantizedEmbedding.from_float(embedding, config.mode, config.group_size).train(
+            embedding.training)
+    if args is not None and hasattr(args, "extra"):
+        args.extra["quantization"] = config.to_params()
+    return model
+
+
+def quantization_config(model: nn.Module) -> QuantConfig | None:
+    """The scheme `model` is quantized with, read from its modules (None: not quantized)."""
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    embedding = getattr(model, "tok_embeddings", None)
+    if not linears and not isinstance(embedding, QuantizedEmbedding):
+        return None
+    first = linears[0] if linears else None
+    mode = first.mode if first is not None else embedding.mode  # type: ignore[union-attr]
+    group = getattr(first, "group_size", None) if first is not None else embedding.group_size  # type: ignore
+    return QuantConfig(mode, group if mode == "int4" else None, isinstance(embedding, QuantizedEmbedding),
+                       isinstance(getattr(model, "output", None), QuantizedLinear))
+
+
+def _divisors_hint(n: int) -> str:
+    found = [d for d in (32, 64, 128, 256, 16, 8) if n % d == 0]
+    return ", ".join(map(str, found[:3])) or "an even divisor"
+
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE", "MODES", "QUANT_FORMAT", "Int4Linear", "Int8Linear", "QuantConfig", "QuantizedEmbedding",
+    "QuantizedLinear", "decoder_linear_names", "dequantize_int4", "dequantize_int8", "pack_nibbles",
+    "quantization_config", "quantize_int4", "quantize_int8", "quantize_model", "unpack_nibbles",
+]
