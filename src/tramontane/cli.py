@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the commands import these lazily: `tramontane --help` loads
 
     from tramontane.generation import SamplingParams
     from tramontane.models.checkpoint import Format
+    from tramontane.models.quant import QuantConfig
     from tramontane.models.transformer import Transformer
     from tramontane.models.vision import VisionLanguageModel
     from tramontane.synth.synthesizer import Synthesizer
@@ -67,6 +68,29 @@ def _format(name: str | None) -> Format | None:
     return "consolidated" if name == "consolidated" else "hf" if name == "hf" else None
 
 
+def _quantize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of the decoder's linear layers at load time (int8 per channel, "
+                        "int4 in groups); combine with --dtype bfloat16 for the fastest prefill")
+    p.add_argument("--quant-group-size", type=int, default=None, help="int4 group size (default 64)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the output head and the embeddings (fewer bytes, lower agreement)")
+
+
+def _quantize(args: argparse.Namespace) -> QuantConfig | None:
+    """The --quantize options as a `QuantConfig` (None without --quantize)."""
+    if args.quantize is None:
+        if args.quant_group_size is not None or args.quantize_head:
+            raise TramontaneError("--quant-group-size and --quantize-head need --quantize int8|int4")
+        return None
+    from tramontane.models.quant import QuantConfig
+
+    if args.quant_group_size is not None and args.quantize != "int4":
+        raise TramontaneError("--quant-group-size applies to --quantize int4 (int8 is per output channel)")
+    return QuantConfig(args.quantize, args.quant_group_size, embeddings=args.quantize_head,
+                       output=args.quantize_head)
+
+
 _COMMAND_LINE_HINTS = (
     ("pass format='consolidated' or format='hf' to choose",
      "choose one with --format consolidated|hf, or keep only one in the --model folder"),
@@ -91,7 +115,8 @@ def _command_line_hint(err: TramontaneError) -> TramontaneError:
 
 
 def _load_model_and_tokenizer(model_dir: str, dtype: str | None, adapter: str | None = None,
-                              format: str | None = None) -> tuple[Transformer, Tokenizer]:
+                              format: str | None = None,
+                              quantize: QuantConfig | None = None) -> tuple[Transformer, Tokenizer]:
     import torch
 
     from tramontane.models.checkpoint import load_model
@@ -101,12 +126,12 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None, adapter: str | 
     try:
         if adapter is None:
             model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None,
-                                  format=_format(format))
+                                  format=_format(format), quantize=quantize)
         else:
             from tramontane.finetune.adapter import load_model_with_adapter
 
             model, _ = load_model_with_adapter(model_dir, adapter, dtype=getattr(torch, dtype) if dtype else None,
-                                               format=_format(format))
+                                               format=_format(format), quantize=quantize)
         tokenizer = Tokenizer.from_model_dir(model_dir)
     except TramontaneError as err:
         raise _command_line_hint(err)
@@ -139,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args, logprobs=args.json)  # every option before the model
     if args.chunk_size is not None and args.chunk_size < 1:
         raise TramontaneError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter, args.format)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter, args.format, _quantize(args))
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -158,8 +183,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None,
-                                     format: str | None = None) -> tuple[VisionLanguageModel, Tokenizer]:
+def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None, format: str | None = None,
+                                     quantize: QuantConfig | None = None) -> tuple[VisionLanguageModel, Tokenizer]:
     import torch
 
     from tramontane.models.vision import check_tokenizer, load_vision_language_model
@@ -167,6 +192,10 @@ def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None,
 
     model = load_vision_language_model(model_dir, dtype=getattr(torch, dtype) if dtype else None,
                                        format=_format(format))
+    if quantize is not None:
+        from tramontane.models.quant import quantize_model
+
+        quantize_model(model, quantize)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     check_tokenizer(tokenizer, model.vision_args)
     return model, tokenizer
@@ -186,11 +215,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.image:
         pictures = [load_image(path) for path in args.image]
         try:
-            model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype, args.format)
+            model, tokenizer = _load_vision_model_and_tokenizer(args.model, args.dtype, args.format,
+                                                                _quantize(args))
         except TramontaneError as exc:
             raise _command_line_hint(exc)
     else:
-        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter, args.format)
+        model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.adapter, args.format, _quantize(args))
     messages: list[Any] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -258,6 +288,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     try:
         model = load_voxtral(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
                              format=_format(args.format))
+        quant = _quantize(args)
+        if quant is not None:
+            from tramontane.models.quant import quantize_model
+
+            quantize_model(model, quant)
         tokenizer = Tokenizer.from_model_dir(args.model)
     except TramontaneError as err:
         raise _command_line_hint(err)
@@ -291,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         served = load_served_model(args.model, args.adapter, dtype=args.dtype, name=args.served_model_name,
-                                   format=_format(args.format))
+                                   format=_format(args.format), quantize=_quantize(args))
     except TramontaneError as err:
         raise _command_line_hint(err)
     api_key = args.api_key or os.environ.get("TRAMONTANE_API_KEY") or None
@@ -444,6 +479,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
         p.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's dtype")
         p.add_argument("--format", choices=_FORMATS, default=None, help=_FORMAT_HELP)
+        _quantize_options(p)
 
     p = sub.add_parser("generate", help="continue a prompt with a model")
     common(p, temperature=0.0)
@@ -486,6 +522,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                    "data: URLs, so the server never fetches what a client names)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's dtype")
     p.add_argument("--format", choices=_FORMATS, default=None, help=_FORMAT_HELP)
+    _quantize_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("agent", help="a coding agent on a workspace, through any OpenAI-compatible endpoint",

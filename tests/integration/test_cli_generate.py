@@ -127,3 +127,19 @@ def test_two_tokenizer_files_names_the_folder_not_a_python_call(
     assert main(["generate", "--model", str(two), "--prompt", "x"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "--model" in line and not any(hint in line for hint in PYTHON_HINTS), line
+
+
+def test_generate_with_int8_weights_is_the_quantized_library_model(model_dir: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(model_dir), "--prompt", "The wind from the north",
+                 "--max-tokens", "6", "--json", "--quantize", "int8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tokenizer = Tokenizer.from_model_dir(model_dir)
+    model, _ = load_model(model_dir, quantize="int8")
+    assert type(model.layers[0].attention.wq).__name__ == "Int8Linear"
+    prompt = tokenizer.encode("The wind from the north", bos=True)
+    expected = generate(model, [prompt], SamplingParams(max_tokens=6, logprobs=True), eos_id=tokenizer.eos_id)[0]
+    assert out["tokens"] == expected.tokens
+    assert out["logprobs"] == pytest.approx(expected.logprobs, abs=1e-5)
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--quant-group-size", "32"]) == 2
+    assert "--quantize" in capsys.readouterr().err

@@ -63,6 +63,7 @@ from tramontane.models.checkpoint import (
     permute_to_hf,
     save_model,
 )
+from tramontane.models.quant import QuantConfig
 from tramontane.models.transformer import Transformer
 from tramontane.tensorfiles import (
     SAFETENSORS_DTYPES,
@@ -277,11 +278,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *,
 
 
 def load_model_with_adapter(model_dir: str | Path, adapter_dir: str | Path,
-                            dtype: torch.dtype | str | None = None,
-                            format: Format | None = None) -> tuple[Transformer, ModelArgs]:
+                            dtype: torch.dtype | str | None = None, format: Format | None = None,
+                            quantize: QuantConfig | str | None = None) -> tuple[Transformer, ModelArgs]:
     """`load_model(model_dir, dtype=dtype)` plus the adapter in `adapter_dir` (kept unmerged, its weights in
     float32 over a half-precision base), in eval mode: ready for generation."""
-    model, args = load_model(model_dir, dtype=dtype, format=format)
+    model, args = load_model(model_dir, dtype=dtype, format=format, quantize=quantize)
     load_adapter(model, adapter_dir)
     return model.eval(), args
 

@@ -15,6 +15,7 @@ import torch
 from tramontane.errors import CheckpointError, ConfigError, TokenizerError
 from tramontane.finetune.run import read_privacy
 from tramontane.models.checkpoint import Format, Kind, detect_kind, load_model
+from tramontane.models.quant import QuantConfig, quantize_model
 from tramontane.models.transformer import Transformer
 from tramontane.tokenizer import Tokenizer
 
@@ -55,11 +56,12 @@ def _privacy(adapter: str | os.PathLike[str] | None, model_dir: Path) -> dict[st
 
 def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None,
                       dtype: torch.dtype | str | None = None, name: str | None = None,
-                      format: Format | None = None) -> ServedModel:
+                      format: Format | None = None, quantize: QuantConfig | str | None = None) -> ServedModel:
     """Load `model_dir` (its kind detected by `models.checkpoint.detect_kind`) and its tokenizer file, with the
     LoRA adapter in `adapter` (text models only) on top. `name` (default: the folder's name) is the model id
     clients send; `format` ("consolidated" or "hf") picks a layout where the folder holds both, as Mistral's
-    repositories do. Raises `CheckpointError`, `ConfigError` or `TokenizerError` saying what to fix."""
+    repositories do; `quantize` ("int8", "int4" or a `QuantConfig`) makes the decoder's linear layers
+    weight-only quantized (`models.quant`). Raises `CheckpointError`, `ConfigError` or `TokenizerError` saying what to fix."""
     model_dir = Path(model_dir)
     kind = detect_kind(model_dir, format)
     if adapter is not None and kind != "text":
@@ -69,6 +71,8 @@ def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathL
         from tramontane.models.vision import check_tokenizer, load_vision_language_model
 
         vision = load_vision_language_model(model_dir, dtype=dtype, format=format)
+        if quantize is not None:
+            quantize_model(vision, quantize)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         check_tokenizer(tokenizer, vision.vision_args)
         model = vision
@@ -76,6 +80,8 @@ def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathL
         from tramontane.models.audio import load_voxtral
 
         voxtral = load_voxtral(model_dir, dtype=dtype, format=format)
+        if quantize is not None:
+            quantize_model(voxtral, quantize)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         encoder = getattr(tokenizer.mistral.instruct_tokenizer, "audio_encoder", None)
         if encoder is None:
@@ -86,12 +92,13 @@ def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathL
                                  f"audio_token_id {voxtral.audio_token_id}; use the checkpoint's own tokenizer")
         model = voxtral
     elif adapter is None:
-        model, _ = load_model(model_dir, dtype=dtype, format=format)
+        model, _ = load_model(model_dir, dtype=dtype, format=format, quantize=quantize)
         tokenizer = Tokenizer.from_model_dir(model_dir)
     else:
         from tramontane.finetune.adapter import load_model_with_adapter
 
-        model, _ = load_model_with_adapter(model_dir, Path(adapter), dtype=dtype, format=format)
+        model, _ = load_model_with_adapter(model_dir, Path(adapter), dtype=dtype, format=format,
+                                           quantize=quantize)
         tokenizer = Tokenizer.from_model_dir(model_dir)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "
