@@ -8,7 +8,9 @@ checkpoint that one process resumes to the uninterrupted run's ledger and weight
 the ranks' samples is one Poisson(q) sample (tested statistically, with a broken sampler failing the same
 test); sharded (FSDP2) and DDP-wrapped models are refused; diverged replicas are detected.
 
-This file is also the torchrun worker: `torchrun ... test_distributed.py MODE OUT`.
+This file is also the torchrun worker: `torchrun ... test_distributed.py OUT`. One launch (each costs seconds
+of process start and imports) runs every distributed check and ends with the killed run, while this process
+computes the single-process runs it is compared with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +103,13 @@ def _train(kind: str, run_dir: Path, init_seed: int = 0, die_at: int | None = No
 
 # -- the torchrun worker --------------------------------------------------------------------------------
 
-def _worker(mode: str, out: Path) -> None:
+def _worker(out: Path) -> None:
+    """Every check of the launch, its results in report-rank{R}.json; then the run in which rank 1 dies."""
     torch.set_num_threads(1)
     group = distributed.replica_group()
     assert group is not None and group.world_size == 2
     rank = group.rank
     report: dict[str, Any] = {}
-    if mode == "kill":
-        _train("dense", out / "run-kill", die_at=DIE_AT if rank == 1 else None)
-        return
     from tramontane.training import trainer as trainer_module
 
     saves = []
@@ -124,6 +125,7 @@ def _worker(mode: str, out: Path) -> None:
         model, batches, ledger = _train(kind, out / f"run-{kind}", init_seed=rank)
         torch.save({n: p.detach() for n, p in model.named_parameters()}, out / f"{kind}-rank{rank}.pt")
         report[kind] = {"batches": batches, "ledger": ledger}
+    trainer_module.save_checkpoint = real_save
     report["checkpoint_writes"] = len(saves)
 
     sampler = PoissonSampler(SAMPLE_N, SAMPLE_Q, steps=SAMPLE_STEPS, shard=group.shard(SAMPLE_N),
@@ -165,6 +167,8 @@ def _worker(mode: str, out: Path) -> None:
     except distributed.DistributedError as err:
         report["divergence"] = str(err)
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))
+    # last, as it ends the launch: rank 1 exits (17) after step 5, and torchrun stops rank 0
+    _train("dense", out / "run-kill", die_at=DIE_AT if rank == 1 else None)
 
 
 # -- launching ------------------------------------------------------------------------------------------
@@ -175,16 +179,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(args: Sequence[str], nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S,
-             module: bool = False) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc-per-node nproc` on loopback in a session of its own, killed whole on timeout."""
+def start_torchrun(args: Sequence[str], nproc: int = 2, module: bool = False) -> subprocess.Popen:
+    """Start `torchrun --nproc-per-node nproc` on loopback in a session of its own; `finish_torchrun` waits
+    for it. Started first, it runs while the caller computes what it is compared with."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *(["-m"] if module else []),
                *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
            "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, whatever GPUs there are
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def finish_torchrun(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Wait for a launch of `start_torchrun`; killed whole on timeout (or when the caller failed first)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -195,14 +203,37 @@ def torchrun(args: Sequence[str], nproc: int = 2, timeout: float = LAUNCH_TIMEOU
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def stop_torchrun(proc: subprocess.Popen) -> None:
+    """Kill a launch of `start_torchrun` whose results are no longer wanted."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def torchrun(args: Sequence[str], nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S,
+             module: bool = False) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc-per-node nproc` on loopback in a session of its own, killed whole on timeout."""
+    return finish_torchrun(start_torchrun(args, nproc, module), timeout)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread in this process, as in the workers: on a small shared machine, intra-op threads
+    of these tiny models wait on each other (ten times slower than one thread while a launch runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_runs(folder: Path) -> dict[str, Any]:
     """The single-process runs (this process: no process group)."""
     assert distributed.replica_group() is None
-    folder = tmp_path_factory.mktemp("single")
     runs = {}
     for kind in KINDS:
         model, batches, ledger = _train(kind, folder / kind)
@@ -212,10 +243,29 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, subprocess.CompletedProcess]:
+    """The single-process runs, computed while the launch runs; the launch's folder and its outcome."""
     out = tmp_path_factory.mktemp("dist")
-    done = torchrun([__file__, "all", str(out)])
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch = start_torchrun([__file__, str(out)])
+    try:
+        with one_thread():
+            runs = _single_runs(tmp_path_factory.mktemp("single"))
+    except BaseException:
+        stop_torchrun(launch)
+        raise
+    return runs, out, finish_torchrun(launch)
+
+
+@pytest.fixture(scope="module")
+def single(both: tuple[dict[str, Any], Path, subprocess.CompletedProcess]) -> dict[str, Any]:
+    return both[0]
+
+
+@pytest.fixture(scope="module")
+def launched(both: tuple[dict[str, Any], Path, subprocess.CompletedProcess]) -> Path:
+    """The launch's folder, once both ranks finished every check (each writes its report last)."""
+    _, out, done = both
+    assert all((out / f"report-rank{rank}.json").is_file() for rank in (0, 1)), done.stderr[-4000:]
     return out
 
 
@@ -349,14 +399,16 @@ def test_sharded_and_ddp_models_are_refused_and_divergence_is_caught(launched: P
         assert report["divergence"] is not None and "rank 1's ['v']" in report["divergence"]
 
 
-def test_a_killed_rank_leaves_a_checkpoint_one_process_resumes(single: dict, tmp_path: Path) -> None:
-    killed = torchrun([__file__, "kill", str(tmp_path)])
+def test_a_killed_rank_leaves_a_checkpoint_one_process_resumes(
+        both: tuple[dict[str, Any], Path, subprocess.CompletedProcess]) -> None:
+    single, out, killed = both
     assert killed.returncode != 0 and re.search(r"exitcode\s*:\s*17", killed.stderr), killed.stderr[-3000:]
-    run_dir = tmp_path / "run-kill"
+    run_dir = out / "run-kill"
     # rank 1 died after step 5; rank 0 could not finish step 6 without it: the checkpoint of step 4 stands
     assert _meta(run_dir)["step"] == 4
     assert sum(e["steps"] for e in _meta(run_dir)["ledger"]["events"]) == 4
-    model, batches, ledger = _train("dense", run_dir)  # one process now, from the checkpoint
+    with one_thread():
+        model, batches, ledger = _train("dense", run_dir)  # one process now, from the checkpoint
     assert batches == single["dense"]["batches"][4:]  # the batches the uninterrupted run took
     assert ledger == single["dense"]["ledger"]
     assert _meta(run_dir)["ledger"] == _meta(single["dense"]["run_dir"])["ledger"]
@@ -365,4 +417,4 @@ def test_a_killed_rank_leaves_a_checkpoint_one_process_resumes(single: dict, tmp
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]))
+    _worker(Path(sys.argv[1]))
