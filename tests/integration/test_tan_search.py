@@ -69,8 +69,10 @@ def dataset_size() -> int:
 
 
 def mlp_dp_sgd(trial: TrialConfig) -> float:
-    """DP-SGD of the MLP at the trial's setting; the validation log-loss (module-level: the search's worker
-    processes import it)."""
+    """DP-SGD of the MLP at the trial's setting; the validation log-loss (module-level, so that worker
+    processes could import it; the search here runs in this process: a worker's start, importing torch and
+    this module, costs more than its trials, and tests/unit/test_tan_search.py and test_cli_plan_search.py
+    check that worker processes give the in-process results)."""
     x, y, x_val, y_val = _adult()
     assert trial.dataset_size == len(x)
     torch.manual_seed(trial.seed)
@@ -98,7 +100,7 @@ def _config(**overrides) -> SearchConfig:
     params = {"target_epsilon": EPSILON, "delta": DELTA, "dataset_size": dataset_size(),
               "learning_rates": LRS, "steps": (STEPS,), "reference_batch_size": B_REF,
               "simulated_batch_size": B_SIM, "repeats": 2, "seed": 0, "metric": "validation log-loss",
-              "workers": 2, "threads_per_worker": 1}
+              "workers": 1, "threads_per_worker": 1}
     return SearchConfig(**{**params, **overrides})
 
 
