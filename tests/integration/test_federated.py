@@ -176,20 +176,18 @@ def _dp_accounting_epsilon(q: float, sigma: float, rounds: int, delta: float) ->
 
 @pytest.fixture(scope="module")
 def private_run(federation: Federation) -> dict[str, Any]:
-    # sigma 1, C 0.5, 2 expected clients of 3; CANIFE audits round 1 (standing for the 2 rounds), 200 replays
+    # sigma 1, C 0.5, 2 expected clients of 3; CANIFE audits round 1 (standing for the 3 rounds), 200 replays
     # each way. Seeded: the statistical checks below are then deterministic (and the run is not private).
-    # Two rounds, not more: each costs a ClientApp process per sampled node and Flower's 3 s polls, and two
-    # already tell a per-round epsilon from the composed one.
     return federation.report(federation.start_run("private", **{
-        "num-rounds": 2, "noise-multiplier": 1.0, "max-update-norm": 0.5, "clients-per-round": 2.0,
-        "audit-every": 2, "audit-trials": 200, "seed": 11}))
+        "num-rounds": 3, "noise-multiplier": 1.0, "max-update-norm": 0.5, "clients-per-round": 2.0,
+        "audit-every": 3, "audit-trials": 200, "seed": 11}))
 
 
-def test_two_rounds_of_dp_fedavg_finish_with_the_dp_accounting_epsilon(private_run: dict[str, Any]) -> None:
+def test_three_rounds_of_dp_fedavg_finish_with_the_dp_accounting_epsilon(private_run: dict[str, Any]) -> None:
     report = private_run
-    assert report["rounds_run"] == 2 and report["stopped"] is None
+    assert report["rounds_run"] == 3 and report["stopped"] is None
     rounds = report["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     for r in rounds:
         assert r["dropped"] == 0 and r["replied"] == r["sampled"]
         # clipped on the client: what reached the server was already within C (updates are ~3 before)
@@ -198,14 +196,14 @@ def test_two_rounds_of_dp_fedavg_finish_with_the_dp_accounting_epsilon(private_r
     q = 2.0 / NUM_CLIENTS
     assert privacy["sample_rate"] == pytest.approx(q)
     assert privacy["ledger"]["events"] == [{"type": "dp_sgd", "sample_rate": q, "noise_multiplier": 1.0,
-                                            "steps": 2, "label": "dp-fedavg"}]
-    oracle = _dp_accounting_epsilon(q, 1.0, 2, 1e-5)
+                                            "steps": 3, "label": "dp-fedavg"}]
+    oracle = _dp_accounting_epsilon(q, 1.0, 3, 1e-5)
     assert privacy["epsilon"] == pytest.approx(oracle, rel=1e-9)
     assert rounds[-1]["epsilon"] == pytest.approx(oracle, rel=1e-9)
     first = _dp_accounting_epsilon(q, 1.0, 1, 1e-5)
     assert rounds[0]["epsilon"] == pytest.approx(first, rel=1e-9) and first < oracle / 1.1  # composed, not last
     evaluation = report["evaluation"]
-    assert sorted(evaluation, key=int) == ["0", "1", "2"]
+    assert sorted(evaluation, key=int) == ["0", "1", "2", "3"]
     assert all(0.0 <= e["accuracy"] <= 1.0 and math.isfinite(e["loss"]) for e in evaluation.values())
 
 
@@ -224,7 +222,7 @@ def test_a_canary_round_measures_the_noise_and_stays_below_the_ledger(private_ru
     composed = audit["composed"]
     assert composed["delta"] == 1e-5 and len(composed["noise_multipliers"]) == 1
     assert composed["low"] < ledger
-    assert composed["ledger"]["events"][0]["steps"] == 2  # the one audit stands for the run's 2 rounds
+    assert composed["ledger"]["events"][0]["steps"] == 3  # the one audit stands for the run's 3 rounds
 
 
 def test_without_noise_the_empirical_epsilon_is_far_above(federation: Federation,
