@@ -135,7 +135,10 @@ class Federation:
         if not output.exists():
             raise AssertionError(f"run {output.stem} wrote no report (flwr run exit {run.returncode}):\n"
                                  f"{stdout[-3000:]}\n{stderr[-3000:]}\n{self.tail()}")
-        return json.loads(output.read_text())
+        assert output.stat().st_mode & 0o777 == 0o600  # the operator's file: not DP beyond "privacy"
+        report = json.loads(output.read_text())
+        assert set(report["fields"]) == {"run_config", "privacy", "rounds", "evaluation", "audit"}
+        return report
 
     def close(self) -> None:
         family = [p.pid for p in self.procs]

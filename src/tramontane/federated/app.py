@@ -23,7 +23,8 @@ A local federation on loopback, without TLS (what tests/integration/test_federat
 tramontane must be installed where the SuperLink and SuperNodes run: the runtime's own dependency
 installation (`uv sync` into a fresh environment) is disabled above. The run's settings are the app's run
 config (`DEFAULT_RUN_CONFIG`, overridable with `--run-config`); the ServerApp writes its report (ledger,
-epsilon, rounds, accuracy, CANIFE's audits) as JSON to `output`, a path on the SuperLink's machine (make it
+epsilon, rounds, accuracy, CANIFE's audits) as JSON to `output` (mode 0600, the operator's: its
+`fields` say which parts are DP; only the ledger's may be shared), a path on the SuperLink's machine (make it
 absolute: the ServerApp runs in the SuperLink's process tree, not where `flwr run` was typed). Each SuperNode
 on one machine needs its own `--port` (its Runtime API).
 """
@@ -60,7 +61,7 @@ from tramontane.federated.flower import (
     to_arrays,
     to_record,
 )
-from tramontane.files import SHAREABLE_MODE, write_atomic, write_json_atomic
+from tramontane.files import HOLDER_MODE, SHAREABLE_MODE, write_atomic, write_json_atomic
 from tramontane.seeding import derived_seed, numpy_rng
 
 try:
@@ -200,11 +201,24 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         "rounds": [r.to_dict() for r in strategy.history],
         "evaluation": {str(k): v for k, v in sorted(evaluation.items())},
         "audit": None if audit is None else audit.report(rounds_run),
+        "fields": REPORT_FIELDS,
     }
     output = _setting(run_config, "output")
-    if output:
-        write_json_atomic(output, report, SHAREABLE_MODE)
+    if output:  # the operator's file (0600): only "privacy" and "run_config" may be shared from it
+        write_json_atomic(output, report, HOLDER_MODE)
     return report
+
+
+# What each part of the run report is: the released models are covered by the ledger; the rest is computed
+# from the clients' updates or the held-out rows without noise, for the federation's operator only.
+REPORT_FIELDS = {
+    "run_config": "public input (the run's settings)",
+    "privacy": "DP: the ledger of the released models and its epsilon",
+    "rounds": "operator only, not DP: the Poisson cohort of each round (who was sampled must stay secret for "
+              "the sampling's amplification) and the clipped updates' norms",
+    "evaluation": "operator only, not DP: loss and accuracy on the held-out rows",
+    "audit": "operator only, not DP: CANIFE's replays read the noise-free sum of the clipped updates",
+}
 
 
 server_app = ServerApp()
