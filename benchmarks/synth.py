@@ -1,7 +1,7 @@
 """DP synthetic tables: tramontane (defaults of `tramontane synth`) against AIM and MST (private-pgm).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth.py [--dataset adult|cps1988] [--epsilons 1 3 10]
-        [--methods tramontane aim mst independent tramontane-noschema] [--rows N] [--seed 0]
+        [--methods tramontane aim mst independent tramontane-noschema] [--rows N] [--seeds 0 1 2]
         [--max-minutes 60] [--aim-rounds 40] [--aim-max-model-size MB] [--pgm-sampler sample|round|both]
 
 Data: a table bundled with tramontane (`tramontane.datasets.BUNDLED`), `--dataset adult` (the default: UCI
@@ -46,7 +46,12 @@ is printed instead, so a broken baseline can never make tramontane look good. tr
 printed and compared all the same, marked "below floor" with the reason: that can only make it look worse.
 
 Each (method, epsilon) runs alone in a subprocess: wall time is the subprocess's (imports included; fit and
-sample times are reported separately), peak memory its max RSS from wait4. AIM and MST pin old packages, so
+sample times are reported separately), its CPU seconds (user + system, from wait4: on a loaded machine the
+wall time is inflated, and CPU seconds / cores is what the job needs on a quiet one), peak memory its max RSS.
+A job that finished before in the same folder with the same settings is reused, not run again, so a long
+benchmark that was stopped resumes where it was. With several `--seeds` every seed runs in WORKDIR/seed<N>
+and the last table and the JSON's `results` are the medians over the seeds (`n` of `of` seeds scored; the
+per-seed figures under `per_seed`). AIM and MST pin old packages, so
 they run in their own venv (default `.bench/pgm-venv`), which this script creates on first use:
 `python3 -m venv`, `pip install torch==2.13.0` (the CPU wheel, so pip does not pull a CUDA torch), then
 `pip install smartnoise-synth`.
@@ -141,7 +146,9 @@ def pgm_versions(python: Path) -> dict[str, str]:
 # -- one method in one subprocess ------------------------------------------------------------------------
 
 def run_child(cmd: list[str], max_seconds: float, log_path: Path) -> dict:
-    """Run `cmd`, return wall seconds, peak RSS (MiB, from wait4) and the exit status; kill at the limit."""
+    """Run `cmd`, return wall seconds, CPU seconds (user + system, children included, from wait4), peak RSS
+    (MiB) and the exit status; kill at the limit. On a loaded machine the wall time is inflated; the CPU seconds
+    divided by the cores the job uses are what it needs on a quiet one."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -157,7 +164,8 @@ def run_child(cmd: list[str], max_seconds: float, log_path: Path) -> dict:
                 break
             time.sleep(0.5)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+    return {"wall_seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
             "returncode": proc.returncode, "timed_out": timed_out}
 
 
@@ -260,10 +268,13 @@ def noschema_worker(job_dir: Path) -> None:
 WORKERS = {"tramontane": tramontane_worker, NOSCHEMA: noschema_worker, FLOOR: independent_worker}
 
 
-def run_method(method: str, epsilon: float, args, schema, train, pgm_python: Path | None, work: Path) -> dict:
+def run_method(method: str, epsilon: float, seed: int, args, schema, train, pgm_python: Path | None,
+               work: Path) -> dict:
+    """Run one method at one epsilon and seed in its own subprocess, in `work/<method>-eps<epsilon>`. A job
+    that finished there before with the same settings is not run again (a long benchmark resumes)."""
     job_dir = work / f"{method}-eps{epsilon:g}"
     job_dir.mkdir(parents=True, exist_ok=True)
-    job = {"method": method, "epsilon": epsilon, "delta": DELTA, "seed": args.seed, "rows": args.rows,
+    job = {"method": method, "epsilon": epsilon, "delta": DELTA, "seed": seed, "rows": args.rows,
            "synth_config": args.synth_config,
            "dataset": args.dataset}
     if method in WORKERS:
@@ -280,8 +291,17 @@ def run_method(method: str, epsilon: float, args, schema, train, pgm_python: Pat
         job["options"] = options
         np.save(job_dir / "train_ids.npy", schema.value_ids(train))
         cmd = [str(pgm_python), str(Path(__file__).resolve().parent / "_pgm_worker.py"), str(job_dir)]
+    finished = job_dir / "run.json"
+    if finished.exists() and (job_dir / "result.json").exists() and json.loads(
+            (job_dir / "job.json").read_text()) == job:  # the same job ran to the end before: reuse it
+        run = json.loads(finished.read_text())
+        return {**run, **json.loads((job_dir / "result.json").read_text()), "options": job.get("options", {})}
+    finished.unlink(missing_ok=True)
+    (job_dir / "result.json").unlink(missing_ok=True)
     (job_dir / "job.json").write_text(json.dumps(job))
     run = run_child(cmd, args.max_minutes * 60, job_dir / "log.txt")
+    if run["returncode"] == 0 and (job_dir / "result.json").exists():
+        finished.write_text(json.dumps(run))
     if run["returncode"] != 0 or not (job_dir / "result.json").exists():
         tail = (job_dir / "log.txt").read_text()[-2000:]
         print(f"{method} eps={epsilon:g} FAILED ({'timed out' if run['timed_out'] else run['returncode']}):\n"
@@ -326,7 +346,8 @@ def evaluate(schema, train, test, target: str, q_bins, job_dir: Path,
 
 
 def summarise(run: dict, ev: dict | None) -> dict:
-    out = {k: run.get(k) for k in ("wall_seconds", "fit_seconds", "sample_seconds", "peak_rss_mib", "options")}
+    out = {k: run.get(k) for k in ("wall_seconds", "cpu_seconds", "fit_seconds", "sample_seconds", "peak_rss_mib",
+                                     "options")}
     if "sampler" in run:
         out["sampler"] = run["sampler"]
     if "epsilon_rdp" in run:
@@ -412,7 +433,8 @@ def progress_line(eps: str, name: str, r: dict) -> str:
             + f" ({' / '.join(BINNINGS)})  gbdt auc {fmt(r['hist_gbdt_auc'], '.4f')}  "
             f"lr auc {fmt(r['logistic_auc'], '.4f')}")
     note = f"  ({unscorable_note(r)})" if "rows_unscorable" in r else ""
-    return f"  eps={eps} {name}: {status}  {r['wall_seconds']:.0f} s{note}"
+    cpu = fmt(r.get("cpu_seconds"), ".0f")
+    return f"  eps={eps} {name}: {status}  {r['wall_seconds']:.0f} s ({cpu} CPU s){note}"
 
 
 def unscorable_note(r: dict) -> str:
@@ -425,7 +447,7 @@ def unscorable_note(r: dict) -> str:
 def print_table(results: dict, held_out: dict) -> None:
     tvd_head = " ".join(f"{f'tvd{k} {b[:3]}':>6}" for b in BINNINGS for k in (1, 2, 3))
     head = (f"{'eps':>4} {'method':<{NAME_WIDTH}} {tvd_head} {'gbdt acc':>8} {'gbdt auc':>8} "
-            f"{'lr acc':>6} {'lr auc':>6} {'exact':>6} {'nll':>6} {'wall s':>7} {'peak MiB':>8}")
+            f"{'lr acc':>6} {'lr auc':>6} {'exact':>6} {'nll':>6} {'wall s':>7} {'cpu s':>7} {'peak MiB':>8}")
     print(f"TVD: mean over all k-way marginals; 'sch' = the schema's bins, '{BINNINGS[1]}' = {QUANTILE_BINS} "
           "quantile bins per numeric column fitted on real train")
     print(head)
@@ -445,7 +467,8 @@ def print_table(results: dict, held_out: dict) -> None:
             print(f"{eps:>4} {method:<{NAME_WIDTH}} {tvd_cells(r)} "
                   f"{r['hist_gbdt_acc']:8.4f} {fmt(r['hist_gbdt_auc'], '8.4f')} {r['logistic_acc']:6.4f} "
                   f"{fmt(r['logistic_auc'], '6.4f')} {r['exact_match_share']:6.4f} "
-                  f"{fmt(r.get('heldout_nll_per_row'), '6.2f')} {r['wall_seconds']:7.0f} {r['peak_rss_mib']:8.0f}")
+                  f"{fmt(r.get('heldout_nll_per_row'), '6.2f')} {r['wall_seconds']:7.0f} "
+                  f"{fmt(r.get('cpu_seconds'), '7.0f')} {r['peak_rss_mib']:8.0f}")
             if "rows_unscorable" in r:
                 print(f"{'':>4} {'':<{NAME_WIDTH}} {unscorable_note(r)}")
         ref = next((r for r in per.values() if "failed" not in r), None)
@@ -467,7 +490,8 @@ def main() -> None:
                    help=f"'{FLOOR}' (the floor every method is checked against) always runs; "
                         f"{', '.join(OPTIONAL_METHODS)} only when listed")
     p.add_argument("--rows", type=int, default=None, help="seeded subsample of the private table (quick runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                   help="one run per seed (each in WORKDIR/seed<N> when there are several), then the medians")
     p.add_argument("--set", dest="synth_config", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="an ablation: override one SynthConfig field for tramontane's runs (repeatable; the "
                         "value is read as JSON, else as a string), e.g. --set steps=200 --set accountant=pld")
@@ -490,17 +514,45 @@ def main() -> None:
     args.synth_config = dict(args.synth_config)
     methods = [FLOOR] + [m for m in dict.fromkeys(args.methods) if m != FLOOR]  # the floor first, always
 
+    table = BUNDLED[args.dataset]
+    pgm_python = ensure_pgm_venv(args.pgm_venv) if set(methods) & set(PGM_METHODS) else None
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="tramontane-synth-bench-"))
+    per_seed: dict[str, dict] = {}
+    held_out: dict[str, float] = {}
+    for seed in args.seeds:
+        seed_work = work / f"seed{seed}" if len(args.seeds) > 1 else work
+        held_out, per_seed[str(seed)] = run_seed(seed, methods, args, pgm_python, seed_work)
+    if len(args.seeds) > 1:
+        results = median_results([r["results"] for r in per_seed.values()])
+        print(f"\nMedians over seeds {', '.join(map(str, args.seeds))} (the baselines' noise is not seedable: "
+              "each seed is a fresh fit); 'n' in the JSON: how many seeds each median is over")
+        print_table(results, held_out)
+    else:
+        results = next(iter(per_seed.values()))["results"]
+    print(json.dumps({"benchmark": "synth", "dataset": args.dataset, "target": table.target,
+                      "rows": args.rows, "delta": DELTA, "seeds": args.seeds, "cpus": os.cpu_count(),
+                      "aim_rounds": args.aim_rounds, "pgm_sampler": args.pgm_sampler,
+                      "quantile_bins": QUANTILE_BINS,
+                      "pgm_versions": pgm_versions(pgm_python) if pgm_python else None,
+                      "held_out_real": held_out, "results": results,
+                      "per_seed": per_seed if len(args.seeds) > 1 else None,
+                      "floor_check_failed": {s: r["floor_check_failed"] for s, r in per_seed.items()},
+                      **ratios_vs_aim(results)}))
+
+
+def run_seed(seed: int, methods: list[str], args, pgm_python: Path | None, work: Path) -> tuple[dict, dict]:
+    """Every method at every epsilon for one seed: prints progress and the table, returns (the held-out
+    real rows' TVDs, {"results": per epsilon and method, "floor_check_failed": per epsilon})."""
+    from tramontane.datasets import BUNDLED
     from tramontane.report.metrics import MarginalBins
 
     table = BUNDLED[args.dataset]
-    schema, train, test = load_tables(args.rows, args.seed, args.dataset)
+    schema, train, test = load_tables(args.rows, seed, args.dataset)
     q_bins = MarginalBins.fit(train, schema, QUANTILE_BINS)
     held_out = summarise_tvd(tvd_by_binning(schema, train, test, q_bins))
-    pgm_python = ensure_pgm_venv(args.pgm_venv) if set(methods) & set(PGM_METHODS) else None
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="tramontane-synth-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{table.title}: {len(train)} private rows, {len(test)} held out; target {table.target!r}; "
-          f"delta {DELTA:g}; seed {args.seed}; AIM rounds {args.aim_rounds or 'snsynth default'}; "
+          f"delta {DELTA:g}; seed {seed}; AIM rounds {args.aim_rounds or 'snsynth default'}; "
           f"AIM/MST sampler {args.pgm_sampler}; "
           f"cpus {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; files in {work}", flush=True)
     results: dict[str, dict[str, dict]] = {}
@@ -509,7 +561,7 @@ def main() -> None:
         per = results.setdefault(f"{eps:g}", {})
         for method in methods:
             load = os.getloadavg()[0]
-            run = run_method(method, eps, args, schema, train, pgm_python, work)
+            run = run_method(method, eps, seed, args, schema, train, pgm_python, work)
             job_dir = work / f"{method}-eps{eps:g}"
             rows = {method: "synthetic_ids.npy"}
             if method in PGM_METHODS and args.pgm_sampler == "both":
@@ -526,14 +578,30 @@ def main() -> None:
         floor_failures[f"{eps:g}"] = floor_check(per)  # every failure, refused or only marked
     print()
     print_table(results, held_out)
-    print(json.dumps({"benchmark": "synth", "dataset": args.dataset, "target": table.target,
-                      "rows": len(train), "test_rows": len(test),
-                      "delta": DELTA, "seed": args.seed, "cpus": os.cpu_count(), "aim_rounds": args.aim_rounds,
-                      "pgm_sampler": args.pgm_sampler, "quantile_bins": QUANTILE_BINS,
-                      "pgm_versions": pgm_versions(pgm_python) if pgm_python else None,
-                      "held_out_real": held_out, "results": results, "floor_check_failed": floor_failures,
-                      **ratios_vs_aim(results)}))
+    return held_out, {"results": results, "floor_check_failed": floor_failures}
 
+
+def median_results(runs: list[dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
+    """Per epsilon and method, the median of every number over the seeds where the method was scored
+    (neither failed nor refused; `n` says how many). A method with no scored seed keeps the first seed's
+    failure or refusal."""
+    out: dict[str, dict[str, dict]] = {}
+    for eps in runs[0]:
+        for method in runs[0][eps]:
+            rows = [run[eps][method] for run in runs if method in run.get(eps, {})]
+            scored = [r for r in rows if "failed" not in r and "refused" not in r]
+            if not scored:
+                out.setdefault(eps, {})[method] = rows[0]
+                continue
+            keys = [k for k, v in scored[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            merged: dict[str, object] = {k: float(np.median([r[k] for r in scored if r.get(k) is not None]))
+                      for k in keys if any(r.get(k) is not None for r in scored)}
+            merged.update({"options": scored[0].get("options", {}), "n": len(scored), "of": len(rows)})
+            below = [r["below_floor"] for r in scored if "below_floor" in r]
+            if below:
+                merged["below_floor"] = f"{len(below)} of {len(scored)} seeds: {below[0]}"
+            out.setdefault(eps, {})[method] = merged
+    return out
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ whose columns are co-monotone (the failure of snsynth's default sampler on mbi 1
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,37 @@ def test_independent_worker_writes_dp_floor_rows(bench, tables, tmp_path, monkey
     ids = np.load(tmp_path / "synthetic_ids.npy")
     assert ids.shape == (500, len(schema))
     assert (tmp_path / "result.json").exists()
+
+
+def test_medians_over_seeds_skip_refused_runs_and_count_them(bench):
+    def row(tvd3: float, **extra) -> dict:
+        return {"tvd3_schema": tvd3, "hist_gbdt_auc": 1 - tvd3, "wall_seconds": 10 * tvd3, **extra}
+
+    seeds = [{"1": {"aim": row(0.30), "tramontane": row(0.10)}},
+             {"1": {"aim": row(0.20, refused="below the floor"), "tramontane": row(0.40)}},
+             {"1": {"aim": row(0.10), "tramontane": row(0.20, below_floor="weak")}}]
+    medians = bench.median_results(seeds)
+    aim, ours = medians["1"]["aim"], medians["1"]["tramontane"]
+    assert (aim["n"], aim["of"]) == (2, 3) and aim["tvd3_schema"] == pytest.approx(0.20)  # mean of 0.3, 0.1
+    assert (ours["n"], ours["of"]) == (3, 3) and ours["tvd3_schema"] == pytest.approx(0.20)
+    assert ours["hist_gbdt_auc"] == pytest.approx(0.80) and ours["below_floor"].startswith("1 of 3 seeds")
+    every_seed_failed = bench.median_results([{"1": {"mst": {"failed": "timed out"}}}] * 2)
+    assert every_seed_failed["1"]["mst"] == {"failed": "timed out"}
+
+
+def test_a_finished_job_is_reused_and_a_changed_one_runs_again(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_child(cmd, max_seconds, log_path):  # the subprocess, as far as run_method can tell
+        calls.append(cmd)
+        (log_path.parent / "result.json").write_text('{"fit_seconds": 1.0}')
+        return {"wall_seconds": 2.0, "cpu_seconds": 3.0, "peak_rss_mib": 1.0, "returncode": 0,
+                "timed_out": False}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    args = SimpleNamespace(rows=100, synth_config={}, dataset="adult", max_minutes=1.0)
+    first = bench.run_method(bench.FLOOR, 1.0, 0, args, None, None, None, tmp_path)
+    again = bench.run_method(bench.FLOOR, 1.0, 0, args, None, None, None, tmp_path)
+    assert len(calls) == 1 and again == first and first["cpu_seconds"] == 3.0
+    bench.run_method(bench.FLOOR, 1.0, 1, args, None, None, None, tmp_path)  # another seed: a new job
+    assert len(calls) == 2
