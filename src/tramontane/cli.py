@@ -77,18 +77,27 @@ def _quantize_options(p: argparse.ArgumentParser) -> None:
                    help="also quantize the output head and the embeddings (fewer bytes, lower agreement)")
 
 
+def _base_quantize_options(p: argparse.ArgumentParser) -> None:
+    """--quantize and --quant-group-size of `finetune` and `plan search`: the frozen base of LoRA training."""
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="QLoRA-style: weight-only quantize the frozen base's decoder linear layers (int8 per "
+                        "channel, int4 in groups) and train float32 LoRA adapters over it (--method lora); the "
+                        "adapter also loads over the float base")
+    p.add_argument("--quant-group-size", type=int, default=None, help="int4 group size (default 64)")
+
+
 def _quantize(args: argparse.Namespace) -> QuantConfig | None:
     """The --quantize options as a `QuantConfig` (None without --quantize)."""
+    head = getattr(args, "quantize_head", False)  # generate, chat, serve; not the base of a fine-tuning run
     if args.quantize is None:
-        if args.quant_group_size is not None or args.quantize_head:
+        if args.quant_group_size is not None or head:
             raise TramontaneError("--quant-group-size and --quantize-head need --quantize int8|int4")
         return None
     from tramontane.models.quant import QuantConfig
 
     if args.quant_group_size is not None and args.quantize != "int4":
         raise TramontaneError("--quant-group-size applies to --quantize int4 (int8 is per output channel)")
-    return QuantConfig(args.quantize, args.quant_group_size, embeddings=args.quantize_head,
-                       output=args.quantize_head)
+    return QuantConfig(args.quantize, args.quant_group_size, embeddings=head, output=head)
 
 
 _COMMAND_LINE_HINTS = (
@@ -729,10 +738,13 @@ def cmd_plan_search(args: argparse.Namespace) -> int:
     check.check_delta(args.delta, "--delta")
     _check_output(args.out, "--out", "file", args.overwrite)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    quant = _quantize(args)
     settings = FinetuneConfig(
         method=args.method, lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
                                             dropout=args.lora_dropout, targets=targets),
-        base_dtype=args.base_dtype, private=False, delta=args.delta, accountant=args.accountant,
+        base_dtype=args.base_dtype, quantize=quant.mode if quant else None,
+        quant_group_size=quant.group_size if quant else None, private=False, delta=args.delta,
+        accountant=args.accountant,
         privacy_unit=args.privacy_unit, max_examples_per_user=args.max_examples_per_user,
         max_grad_norm=args.max_grad_norm, max_len=args.max_len, packing=args.packing,
         micro_batch_size=args.micro_batch_size, seed=args.seed)
@@ -845,6 +857,7 @@ def _add_plan_search_command(plan_sub: argparse._SubParsersAction) -> None:
     s.add_argument("--lora-dropout", type=float, default=0.0)
     s.add_argument("--lora-targets", default="attention")
     s.add_argument("--base-dtype", choices=("bfloat16", "float16"), default=None)
+    _base_quantize_options(s)
     s.add_argument("--privacy-unit", choices=("example", "user"), default="example")
     s.add_argument("--max-examples-per-user", type=int, default=16)
     s.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -1415,10 +1428,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.epsilon is not None and args.non_private:
         raise TramontaneError("--non-private trains without differential privacy: leave --epsilon out")
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    quant = _quantize(args)
     config = FinetuneConfig(
         method=args.method, lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
                                             dropout=args.lora_dropout, targets=targets),
-        base_dtype=args.base_dtype, private=not args.non_private, epsilon=args.epsilon,
+        base_dtype=args.base_dtype, quantize=quant.mode if quant else None,
+        quant_group_size=quant.group_size if quant else None, private=not args.non_private, epsilon=args.epsilon,
         delta=None if args.non_private else args.delta, privacy_unit=args.privacy_unit,
         max_examples_per_user=args.max_examples_per_user, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
@@ -1468,7 +1483,9 @@ def cmd_finetune_merge(args: argparse.Namespace) -> int:
 
 
 def _add_finetune_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="DP fine-tuning (LoRA or full) of a checkpoint on chats or text (JSONL)")
+    p = sub.add_parser("finetune", help="DP fine-tuning (LoRA or full) of a checkpoint on chats or text (JSONL)",
+                       description="DP-SGD fine-tuning of a checkpoint: LoRA adapters (optionally over an int8 / "
+                       "int4 weight-only quantized base, --quantize) or every weight (--method full)")
     p.add_argument("--model", default=None, help="base checkpoint directory (consolidated or Hugging Face)")
     p.add_argument("--data", default=None, help="training JSONL: {'messages': [...], 'tools': [...]} chats or "
                    "{'text': ...} records, each with an optional 'user_id'")
@@ -1486,6 +1503,7 @@ def _add_finetune_commands(sub: argparse._SubParsersAction) -> None:
                    "groups attention, mlp, experts, all")
     p.add_argument("--base-dtype", choices=("bfloat16", "float16"), default=None,
                    help="keep the frozen base in this dtype (LoRA; adapters stay float32)")
+    _base_quantize_options(p)
     p.add_argument("--adapter", default=None, help="continue this LoRA adapter (its ledger counts against "
                    "--epsilon)")
     p.add_argument("--privacy-unit", choices=("example", "user"), default="example",

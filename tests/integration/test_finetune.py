@@ -3,7 +3,9 @@
 What must hold: the adapter folder is PEFT's layout plus the ledger; the ledger ends at the target epsilon
 (never above); a starting adapter's ledger counts against the budget and an exhausted one is refused before
 any record is read; user-level runs count users, not examples; a run killed with SIGKILL and resumed ends
-with the ledger and the weights of an uninterrupted run; the report keeps the holder's figures apart.
+with the ledger and the weights of an uninterrupted run; the report keeps the holder's figures apart. Over an
+int8 / int4 quantized base (QLoRA-style): the adapters wrap quantized layers and alone train, the ledger is the
+float base's, per-example clipping is the one-example-at-a-time loop's, and the adapter loads over either base.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +30,7 @@ from tramontane import accounting
 from tramontane.cli import main
 from tramontane.errors import ConfigError, PrivacyBudgetError
 from tramontane.finetune.lora import LoraConfig
-from tramontane.finetune.run import PRIVACY_FILE, FinetuneConfig, finetune, read_privacy
+from tramontane.finetune.run import PRIVACY_FILE, FinetuneConfig, FinetuneResult, finetune, read_privacy
 from tramontane.models.checkpoint import save_model
 
 from tests.conftest import random_model, tiny_args
@@ -213,3 +216,207 @@ def test_full_finetune_on_agent_trajectories(model_dir: Path, tmp_path: Path) ->
     moved = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert moved  # every weight trains
     assert Tokenizer.from_model_dir(result.weights_dir).version == Tokenizer.from_model_dir(model_dir).version
+
+
+# -- QLoRA-style: adapters over an int8 / int4 weight-only quantized base ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six chats: a run over all of them at every step (q = 1) spends no time on subsampled accounting."""
+    train = tmp_path_factory.mktemp("small") / "train.jsonl"
+    train.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(6)))
+    return train
+
+
+def _qconfig(**overrides: Any) -> FinetuneConfig:
+    params: dict[str, Any] = {"epsilon": 8.0, "steps": 2, "batch_size": 6}
+    params.update(overrides)
+    return _config(**params)
+
+
+def _ledger(weights_dir: Path) -> dict[str, Any]:
+    record = read_privacy(weights_dir)
+    assert record is not None
+    return record["ledger"].to_dict()
+
+
+@pytest.fixture(scope="module")
+def int8_run(model_dir: Path, small_data: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[FinetuneResult, torch.nn.Module, FinetuneConfig]:
+    """A DP LoRA run over an int8 base, and the model it trained (kept by wrapping `load_base`)."""
+    from tramontane.finetune import run
+
+    built: list[torch.nn.Module] = []
+    load_base = run.load_base
+
+    def keep(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        built.append(load_base(*args, **kwargs))
+        return built[-1]
+
+    config = _qconfig(quantize="int8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "load_base", keep)
+        result = finetune(model_dir, small_data, tmp_path_factory.mktemp("int8") / "run", config)
+    return result, built[0], config
+
+
+def test_dp_lora_over_an_int8_base_trains_only_the_adapters_on_the_float_runs_ledger(
+        model_dir: Path, small_data: Path, tmp_path: Path,
+        int8_run: tuple[FinetuneResult, torch.nn.Module, FinetuneConfig]) -> None:
+    from tramontane.finetune.lora import LoraLinear
+    from tramontane.finetune.run import load_base
+    from tramontane.models.quant import Int8Linear, decoder_linear_names
+
+    quant, trained, config = int8_run
+    adapters = 0
+    for name in decoder_linear_names(trained):  # every decoder linear layer is quantized, adapted or not
+        module = trained.get_submodule(name)
+        adapters += isinstance(module, LoraLinear)
+        assert isinstance(module.base if isinstance(module, LoraLinear) else module, Int8Linear), name
+    assert adapters == 2 * 4  # wq wk wv wo of both layers
+    # only the adapters moved: the same base and adapter initialisation, built afresh, differs in them alone
+    fresh = load_base(model_dir, config, lora_seed=config.seed).state_dict()
+    after = trained.state_dict()
+    assert after.keys() == fresh.keys()
+    changed = {k for k in after if not torch.equal(after[k], fresh[k])}
+    assert {k for k in after if ".lora_B." in k} <= changed  # B starts at zero: each one moved
+    assert all(".lora_A." in k or ".lora_B." in k for k in changed)
+    assert any(k.endswith(".qweight") for k in after)  # the int8 weights were compared too, and kept
+    # privacy accounting does not depend on the quantization: the float-base run has the same plan and ledger
+    plain = finetune(model_dir, small_data, tmp_path / "float", _qconfig())
+    assert quant.plan == plain.plan
+    assert _ledger(quant.weights_dir) == _ledger(plain.weights_dir)
+    assert quant.release["config"]["quantize"] == "int8" and plain.release["config"]["quantize"] is None
+
+
+def test_a_resumed_int8_run_requantizes_and_ends_with_the_uninterrupted_adapter(
+        model_dir: Path, small_data: Path, tmp_path: Path,
+        int8_run: tuple[FinetuneResult, torch.nn.Module, FinetuneConfig]) -> None:
+    whole, _, config = int8_run
+
+    def stop(step: int, steps: int, info: dict[str, float]) -> None:
+        if step == 2:  # before step 2's checkpoint: the resume starts from step 1's
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model_dir, small_data, tmp_path / "cut", config, on_step=stop)
+    assert not (tmp_path / "cut" / "adapter").exists()
+    with pytest.raises(ConfigError, match="quant_group_size.*quantize"):  # the setting is part of the run
+        finetune(model_dir, small_data, tmp_path / "cut", _qconfig(quantize="int4", quant_group_size=32),
+                 resume=True)
+    resumed = finetune(model_dir, small_data, tmp_path / "cut", config, resume=True)
+    assert _ledger(resumed.weights_dir) == _ledger(whole.weights_dir)
+    a = load_file(whole.weights_dir / "adapter_model.safetensors")
+    b = load_file(resumed.weights_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # in one process the same operations: a float base on resume would differ by ~1e-6
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("quantize, group, strategy", [("int8", None, "ghost"), ("int8", None, "materialize"),
+                                                       ("int4", 32, "auto")])
+def test_per_example_clipping_over_a_quantized_base_is_the_one_example_at_a_time_loop(
+        tmp_path: Path, quantize: str, group: int | None, strategy: str) -> None:
+    from tramontane.dp import DPEngine
+    from tramontane.errors import TramontaneWarning
+    from tramontane.finetune.lora import lora_modules
+    from tramontane.finetune.run import load_base
+    from tramontane.models.quant import QuantizedLinear
+
+    save_model(random_model(tiny_args(dim=32, head_dim=8), seed=4), tmp_path / "tiny")  # vocabulary of 97
+    model = load_base(tmp_path / "tiny", _qconfig(quantize=quantize, quant_group_size=group,
+                                                  lora=LoraConfig(rank=3, alpha=6, targets=("all",))), lora_seed=1)
+    model.train()  # as the trainer runs it: the quantized layers dequantize, in the batch and alone alike
+    assert all(isinstance(lora.base, QuantizedLinear) for lora in lora_modules(model).values())
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a non-zero B, so that every adapter weight has a gradient
+        for lora in lora_modules(model).values():
+            lora.lora_B.weight.copy_(torch.randn(lora.lora_B.weight.shape, generator=gen) * 0.3)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all(".lora_A." in n or ".lora_B." in n for n in params)
+    tokens = torch.randint(0, 97, (5, 11), generator=gen)
+
+    def losses(batch: torch.Tensor) -> torch.Tensor:  # [B]: each row's summed next-token loss
+        logits = model(batch[:, :-1])
+        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].reshape(-1),
+                                                      reduction="none")
+        return per_token.view(batch.shape[0], -1).sum(1)
+
+    # the oracle: each example alone, its adapter gradient by autograd, clipped, then summed
+    alone = [torch.autograd.grad(losses(tokens[i:i + 1]).sum(), list(params.values())) for i in range(5)]
+    norms = torch.stack([torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt() for grads in alone])
+    clip = float(norms.median())  # some examples clipped, some not
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any() and (factors == 1).any()
+    expected = {n: torch.stack([float(f) * grads[j].double() for f, grads in zip(factors, alone)]).sum(0)
+                for j, n in enumerate(params)}
+
+    with pytest.warns(TramontaneWarning, match="NOT"):  # sigma 0: the clipped sum alone
+        engine = DPEngine(model, max_grad_norm=clip, noise_multiplier=0.0, linear_strategy=strategy)
+    with engine.record():
+        engine.backward(losses(tokens))
+    assert engine.per_example_norms is not None
+    torch.testing.assert_close(engine.per_example_norms.double(), norms, rtol=1e-5, atol=0)
+    got = engine.clipped_grad_sum()
+    assert got.keys() == params.keys()
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_cli_finetune_over_an_int4_base_writes_an_adapter_both_bases_load(
+        model_dir: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tramontane.finetune.adapter import load_model_with_adapter
+    from tramontane.finetune.lora import lora_modules
+    from tramontane.models.quant import Int4Linear, QuantConfig
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(model_dir), "--data", str(small_data), "--out", str(out),
+                 "--epsilon", "8", "--delta", "1e-5", "--steps", "2", "--batch-size", "6", "--max-len", "48",
+                 "--lora-rank", "4", "--seed", "5", "--quantize", "int4", "--quant-group-size", "32"]) == 0
+    adapter = out / "adapter"
+    record = read_privacy(adapter)
+    assert record is not None and sum(e.steps for e in record["ledger"].events) == 2
+    release = json.loads((out / "report" / "release" / "report.json").read_text())
+    assert (release["config"]["quantize"], release["config"]["quant_group_size"]) == ("int4", 32)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any(float(t.abs().max()) > 0 for k, t in saved.items() if "lora_B" in k)  # trained: B is off zero
+    # the adapter loads over the float base and over the int4 base it was trained on, the same weights in both
+    on_float, _ = load_model_with_adapter(model_dir, adapter)
+    on_int4, _ = load_model_with_adapter(model_dir, adapter, quantize=QuantConfig("int4", 32))
+    float_adapters, int4_adapters = lora_modules(on_float), lora_modules(on_int4)
+    assert float_adapters.keys() == int4_adapters.keys() and len(float_adapters) == 8
+    for name, lora in int4_adapters.items():
+        assert isinstance(lora.base, Int4Linear) and isinstance(float_adapters[name].base, torch.nn.Linear)
+        assert torch.equal(lora.lora_B.weight, float_adapters[name].lora_B.weight)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--quantize", "int4",
+                 "--quant-group-size", "32", "--prompt", "Hi", "--max-tokens", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 3
+
+
+def test_full_finetuning_of_a_quantized_base_is_refused(model_dir: Path, small_data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from tramontane.finetune.run import load_base
+    from tramontane.models.checkpoint import load_model
+    from tramontane.models.quant import quantize_model
+
+    with pytest.raises(ConfigError, match="method='lora'"):
+        _qconfig(method="full", quantize="int8")
+    with pytest.raises(ConfigError, match="needs quantize='int4'"):
+        _qconfig(quant_group_size=32)
+    with pytest.raises(ConfigError, match="int8 quantization is per output channel"):
+        _qconfig(quantize="int8", quant_group_size=32)
+    assert _qconfig(quantize="int4").quant_group_size == 64  # the default, recorded as used
+    assert main(["finetune", "--model", str(model_dir), "--data", str(small_data), "--out", str(tmp_path / "a"),
+                 "--epsilon", "8", "--method", "full", "--quantize", "int8"]) == 2
+    assert "--method lora" in capsys.readouterr().err
+    # a group size the checkpoint's layers do not take: refused before the run writes anything
+    with pytest.raises(ConfigError, match="does not divide"):
+        finetune(model_dir, small_data, tmp_path / "b", _qconfig(quantize="int4"))
+    assert not (tmp_path / "b").exists()
+    # a checkpoint saved quantized cannot be fully fine-tuned either
+    quantized = tmp_path / "int8-checkpoint"
+    save_model(quantize_model(load_model(model_dir)[0], "int8"), quantized)
+    with pytest.raises(ConfigError, match="quantized checkpoint"):
+        load_base(quantized, _qconfig(method="full"))

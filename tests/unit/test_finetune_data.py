@@ -567,3 +567,19 @@ def test_file_to_rows(tmp_path):
     trained = int((packed.labels != IGNORE_INDEX).sum())
     assert trained == sum(sum(encoded[i].loss_mask) for i in keep)
     assert "ann" not in repr(packed)
+
+
+def test_a_run_set_up_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    from tramontane.finetune.run import ADDED_SETTING_DEFAULTS, FinetuneConfig, _setup
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    run_dir = tmp_path / "run" / "state"
+    run_dir.mkdir(parents=True)
+    config = FinetuneConfig(private=False, steps=1)
+    setup = _setup(run_dir, config, data, resume=False)
+    older = {k: v for k, v in setup["config"].items() if k not in ADDED_SETTING_DEFAULTS}
+    (run_dir / "setup.json").write_text(json.dumps({**setup, "config": older}))
+    assert _setup(run_dir, config, data, resume=True)["config"] == older
+    with pytest.raises(ConfigError, match="quantize"):  # the run had no quantization: int8 is a change
+        _setup(run_dir, FinetuneConfig(private=False, steps=1, quantize="int8"), data, resume=True)

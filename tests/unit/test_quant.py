@@ -182,6 +182,28 @@ def test_quantized_linear_follows_dtype_and_needs_no_grad():
     assert list(q.parameters()) == []
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_backward_through_a_quantized_layer_keeps_no_float_weight(mode):
+    """LoRA over a quantized base (QLoRA): the input gradient is dy W with W dequantized, and autograd keeps
+    nothing of the weight's size between forward and backward (F.linear would keep a float W per layer)."""
+    layer = Int8Linear.from_float(linear(96, 128)) if mode == "int8" else Int4Linear.from_float(linear(96, 128), 32)
+    x = torch.randn(5, 7, 128, requires_grad=True)
+    saved: list[torch.Size] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = layer.train()(x)
+    assert all(shape.numel() < 96 * 128 for shape in saved), saved
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = layer.dequantize()
+    torch.testing.assert_close(y, x.detach() @ w.t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, dy @ w, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- the model
 
 

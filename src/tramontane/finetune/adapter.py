@@ -63,7 +63,7 @@ from tramontane.models.checkpoint import (
     permute_to_hf,
     save_model,
 )
-from tramontane.models.quant import QuantConfig
+from tramontane.models.quant import QuantConfig, QuantizedLinear
 from tramontane.models.transformer import Transformer
 from tramontane.tensorfiles import (
     SAFETENSORS_DTYPES,
@@ -229,8 +229,9 @@ def _targets_from_hf(target_modules: Any, source: str) -> tuple[str, ...]:
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, *,
                  base_dtype: torch.dtype | str | None = None) -> LoraConfig:
-    """Add the PEFT adapter in `adapter_dir` to `model` (a `Transformer` without adapters), in place;
-    `base_dtype` as in `add_lora` (the base cast to it, e.g. bfloat16, the adapters kept in float32).
+    """Add the PEFT adapter in `adapter_dir` to `model` (a `Transformer` without adapters, its linear layers
+    float or weight-only quantized by `models.quant`), in place; `base_dtype` as in `add_lora` (the base cast
+    to it, e.g. bfloat16, the adapters kept in float32).
 
     Everything is checked before the model is touched: the config (`lora_config_from_peft`: ConfigError for
     what we do not implement), then every tensor name and shape against the layers the config targets
@@ -249,7 +250,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *,
     expected: dict[str, tuple[int, ...]] = {}
     for name, hf in names.items():
         base = model.get_submodule(name)
-        assert isinstance(base, nn.Linear)
+        assert isinstance(base, (nn.Linear, QuantizedLinear)), name  # a quantized base takes adapters too
         for part, shape in (("lora_A", (config.rank, base.in_features)), ("lora_B", (base.out_features,
                                                                                     config.rank))):
             key = f"{_PREFIX}{hf}.{part}.weight"

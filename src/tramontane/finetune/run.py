@@ -30,6 +30,13 @@ Released and not (`RUN/report/release/report.json` lists each field with its sta
   perplexity, the membership attack on training vs held-out examples, counts of records, units, dropped and
   truncated examples, the checkpoints and the canary secrets. None of these is covered by DP.
 
+QLoRA-style (Dettmers et al. 2023, "QLoRA: efficient finetuning of quantized LLMs", with tramontane's int8 /
+int4 weight-only schemes in place of NF4): with `quantize="int8" | "int4"` the frozen base's decoder linear
+layers are quantized (`models.quant`, as `tramontane generate --quantize` does) before the adapters wrap
+them, so the base holds 1 or ~0.56 byte per weight. Each adapted layer is then the quantized layer's output
+(its weight dequantized in training) plus the float32 adapter's. Clipping, noise and the ledger are the same
+as over the float base: the quantized layers hold no parameters, and the plan does not depend on them.
+
 The number of privacy units N is used as public, as in Opacus and dp-transformers: q = B / N is in the
 ledger, so N can be read from it. A unit is one example (`privacy_unit="example"`) or one user
 (`"user"`: the `user_id` of each record; one clipped gradient per user per step).
@@ -62,7 +69,9 @@ from tramontane.files import HOLDER_MODE, SHAREABLE_MODE, write_json_atomic
 from tramontane.finetune import data as ft_data
 from tramontane.finetune.adapter import load_adapter, save_adapter
 from tramontane.finetune.lora import LoraConfig, add_lora
-from tramontane.models.checkpoint import load_model, save_model
+from tramontane.models.checkpoint import load_args, load_model, save_model
+from tramontane.models.quant import QuantConfig, quantization_config, quantize_model
+from tramontane.models.transformer import Transformer
 from tramontane.seeding import numpy_rng, seed_for
 from tramontane.tokenizer import Tokenizer
 from tramontane.training.objectives import IGNORE_INDEX, LanguageModelingObjective, token_losses
@@ -82,11 +91,16 @@ EXHAUSTED_RTOL = 1e-3  # a budget within this fraction of being spent counts as 
 @dataclass
 class FinetuneConfig:
     """One fine-tuning run. Privacy vocabulary as in Opacus; `batch_size` is the expected Poisson batch of
-    privacy units (None: the TAN rule picks it for `steps`, at noise multiplier `noise_multiplier_guess`)."""
+    privacy units (None: the TAN rule picks it for `steps`, at noise multiplier `noise_multiplier_guess`).
+    `quantize` ("int8" or "int4", LoRA only) trains the adapters over a weight-only quantized base (see the
+    module docstring); `quant_group_size` is int4's group of input columns, recorded as the value used (64
+    unless given, as for `tramontane generate`)."""
 
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     base_dtype: str | None = None  # "bfloat16": keep the frozen base in bf16, adapters in fp32 (LoRA only)
+    quantize: str | None = None  # "int8" | "int4": the frozen base weight-only quantized (LoRA only)
+    quant_group_size: int | None = None  # int4 only; None: models.quant's default (64)
     private: bool = True
     epsilon: float | None = None
     delta: float | None = None
@@ -125,6 +139,17 @@ class FinetuneConfig:
             raise ConfigError(f"base_dtype must be bfloat16, float16 or float32, got {self.base_dtype!r}")
         if self.base_dtype is not None and self.method != "lora":
             raise ConfigError("base_dtype keeps a frozen base in low precision: it needs method='lora'")
+        if self.quantize is None:
+            if self.quant_group_size is not None:
+                raise ConfigError("quant_group_size is the int4 group size: it needs quantize='int4'")
+        else:
+            if self.method != "lora":
+                raise ConfigError(f"quantize={self.quantize!r} freezes the base's weights in {self.quantize}, "
+                                  "which full fine-tuning would have to train: use method='lora' (--method lora: "
+                                  "LoRA adapters over the quantized base), or leave quantize unset to train "
+                                  "every weight in float")
+            # validated as models.quant validates it; the group size used is recorded, default included
+            self.quant_group_size = QuantConfig(self.quantize, self.quant_group_size).group_size
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give steps or epochs, not both")
         if self.steps is not None and self.steps < 1:
@@ -151,6 +176,11 @@ class FinetuneConfig:
                 raise ConfigError("without a target epsilon, give the batch size as well as the noise multiplier")
             if self.max_grad_norm <= 0:
                 raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        """The base's quantization scheme (None: a float base)."""
+        return QuantConfig(self.quantize, self.quant_group_size) if self.quantize is not None else None
 
     @property
     def learning_rate(self) -> float:
@@ -344,6 +374,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+ADDED_SETTING_DEFAULTS: dict[str, Any] = {"quantize": None, "quant_group_size": None}  # FinetuneConfig's
+
+
 def _setup(run_dir: Path, config: FinetuneConfig, data_path: Path, resume: bool) -> dict[str, Any]:
     """The run's fixed choices (config, data fingerprint, canary secrets, seeds), written before the first
     step and read back on resume: a resumed run trains on exactly what the first one did."""
@@ -354,8 +387,10 @@ def _setup(run_dir: Path, config: FinetuneConfig, data_path: Path, resume: bool)
             raise ConfigError(f"{run_dir.parent} already holds a run: pass --resume to continue it, or choose "
                               "another --out")
         setup = json.loads(path.read_text())
-        if setup["config"] != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if setup["config"].get(k) != v)
+        # a setting added since the run started is absent from its setup: it ran with that setting's default
+        stored = {**ADDED_SETTING_DEFAULTS, **setup["config"]}
+        if stored != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if stored.get(k) != v)
             raise ConfigError(f"cannot resume {run_dir.parent}: it was started with other settings ({changed}); "
                               "resume with the same options")
         if setup["data_sha256"] != fingerprint:
@@ -403,11 +438,33 @@ def held_out_rows(tokenizer: Tokenizer, path: Path, config: FinetuneConfig) -> f
     return ft_data.pack_examples(encoded, list(range(len(encoded))), config.max_len, mode="truncate")
 
 
+def _check_quantizable(model_dir: Path, config: FinetuneConfig) -> None:
+    """Refuse, before the run writes anything, a quantization the checkpoint's layer sizes do not take (e.g.
+    an int4 group size that does not divide them), on a meta-device skeleton: no weight is read."""
+    quant = config.quant_config
+    if quant is None:
+        return
+    args = load_args(model_dir)
+    if "quantization" in args.extra:  # saved quantized: load_model checks it is the same scheme
+        return
+    with torch.device("meta"):
+        quantize_model(Transformer(args), quant)
+
+
 def load_base(model_dir: Path, config: FinetuneConfig, init_adapter: Path | None = None,
               lora_seed: int | None = None) -> nn.Module:
     """The float32 base checkpoint with the adapters to train: `init_adapter`'s, or fresh ones whose random
-    initialisation `lora_seed` makes reproducible (a public choice); only the adapters train."""
-    model, _ = load_model(model_dir, dtype=torch.float32)
+    initialisation `lora_seed` makes reproducible (a public choice); only the adapters train.
+
+    With `config.quantize` the base's decoder linear layers are quantized first (`models.quant.quantize_model`,
+    deterministic: a resumed run rebuilds the same base) and the adapters, float32, wrap the quantized layers.
+    The adapter a run saves is an ordinary PEFT LoRA: it loads over the float (unquantized) base as well, but
+    it was trained against the quantized one, so over the float base it meets weights that differ from those
+    it was trained with by the quantization error."""
+    model, _ = load_model(model_dir, dtype=torch.float32, quantize=config.quant_config)
+    if config.method == "full" and quantization_config(model) is not None:
+        raise ConfigError(f"{model_dir} is a quantized checkpoint, whose weights full fine-tuning cannot train: "
+                          "fine-tune the float checkpoint, or train LoRA adapters (method='lora')")
     if config.method == "lora":
         if init_adapter is not None:
             loaded = load_adapter(model, init_adapter, base_dtype=config.base_dtype)
@@ -437,6 +494,7 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
     init = Path(init_adapter) if init_adapter is not None else None
     ledger = prior_ledger(init, config)  # refuses an exhausted budget before any record is read
     tokenizer = Tokenizer.from_model_dir(model_dir)
+    _check_quantizable(model_dir, config)
     run_dir = out / "run"
     if not resume and out.exists() and any(p.name in ("adapter", "model", "report") for p in out.iterdir()):
         raise ConfigError(f"{out} already holds a finished run; choose another --out")

@@ -140,6 +140,10 @@ def finetune_arguments(config: FinetuneConfig) -> list[str]:
             args += ["--lora-dropout", f"{config.lora.dropout:g}"]
         if config.base_dtype:
             args += ["--base-dtype", config.base_dtype]
+        if config.quantize:
+            args += ["--quantize", config.quantize]
+            if config.quant_group_size is not None:
+                args += ["--quant-group-size", str(config.quant_group_size)]
     if config.privacy_unit == "user":
         args += ["--max-examples-per-user", str(config.max_examples_per_user)]
     return args

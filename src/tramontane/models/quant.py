@@ -24,9 +24,10 @@ dependency and no speed.
 Both are fast for a few rows (decoding) and slow for many, so a call over more than 16 (int8) / 64 (int4)
 rows (prefill), a call in training mode or whose input needs a gradient (LoRA over a frozen quantized base),
 a layer the int4 kernel cannot take, and any non-CPU device instead dequantize the weight to the activation
-dtype and run a dense `F.linear`: exactly the float layer with the dequantized weight. The kernels round the
-activations to bfloat16 (their only fast input type), so a float32 model's decode steps differ from its
-prefill by about bfloat16 precision.
+dtype and run a dense `F.linear`: exactly the float layer with the dequantized weight (when the input needs a
+gradient, the backward dequantizes the weight again rather than keeping the forward's float copy). The kernels
+round the activations to bfloat16 (their only fast input type), so a float32 model's decode steps differ from
+its prefill by about bfloat16 precision.
 
 On-disk layout (`models.checkpoint.save_model` of a quantized model; consolidated format only):
 params.json carries the model's usual keys plus
@@ -239,10 +240,33 @@ class QuantizedLinear(nn.Module):
             out = self._kernel(_aligned(x.reshape(rows, self.in_features).to(torch.bfloat16)))
             if out is not None:
                 return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _DequantizedLinear.apply(x, self)
         return F.linear(x, self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x W^T with W dequantized for the forward and again for the backward (dx = dy W). F.linear would keep
+    its float W for the backward, every layer's until the backward reaches it: a float copy of the whole base,
+    which training adapters over a quantized base (QLoRA) is meant to avoid. Here autograd keeps the layer.
+    Written in the `setup_context` form, so that torch.func (the DP engine's generic rule) can transform it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, QuantizedLinear], output: torch.Tensor) -> None:
+        ctx.layer, ctx.dtype = inputs[1], inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.to(ctx.dtype) @ ctx.layer.dequantize(ctx.dtype), None
 
 
 class Int8Linear(QuantizedLinear):
