@@ -97,6 +97,20 @@ def test_single_requests_equal_generate(engines, moe: bool, window: int | None) 
         assert all(e.top_logprobs is None for e in events)
 
 
+def test_output_head_equals_the_models_layer() -> None:
+    """The engine's head (oneDNN over a copy of the weight, for a float32 model on CPU) gives the model's own
+    logits to float32 rounding, for one row and for a decode step's many; other dtypes use the layer itself."""
+    model = random_model(tiny_args(vocab_size=4099), seed=5)
+    head = engine_module._OutputHead(model)
+    with torch.inference_mode():
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, model.args.dim)
+            torch.testing.assert_close(head(x), model.output(x), rtol=1e-5, atol=1e-5)
+        half = random_model(tiny_args(), seed=5).to(torch.bfloat16)
+        x = torch.randn(4, half.args.dim, dtype=torch.bfloat16)
+        assert torch.equal(engine_module._OutputHead(half)(x), half.output(x))
+
+
 def test_top_logprobs_are_the_best_alternatives_sorted(engines, model) -> None:
     prompt = _prompts([9], seed=2)[0]
     events = _collect(engines(model).submit(EngineRequest(prompt, max_tokens=5, logprobs=3)))
