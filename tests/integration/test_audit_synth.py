@@ -47,7 +47,7 @@ def fitted(data) -> Synthesizer:
     # DP-SGD alone (no measured marginals): the audit replays its steps and compares with its epsilon
     config = SynthConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, steps=12, lr=1e-2,
                          marginal_share=0.0, warmup_steps=2, noise_multiplier_target=2.0, max_batch_fraction=0.1,
-                         micro_batch_size=512)
+                         micro_batch_size=512, accountant="rdp")  # the audit and the card compare RDP figures
     synth = Synthesizer(adult_schema().select(COLUMNS), epsilon=4.0, delta=1e-5, config=config, seed=0)
     return synth.fit(data[0])
 

@@ -22,7 +22,7 @@ COLUMNS = ["age", "workclass", "sex", "income"]
 
 
 def _tiny(steps: int = 6) -> SynthConfig:
-    return SynthConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, steps=steps)
+    return SynthConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, steps=steps, accountant="rdp")
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,8 @@ def test_the_synthesizer_states_its_ledger() -> None:
     from tramontane.synth.synthesizer import Synthesizer
 
     synth = Synthesizer(epsilon=2.0, delta=DELTA)
-    assert synth.privacy() == PrivacyStatement.of(PrivacyLedger(), DELTA, target_epsilon=2.0).to_dict()
+    assert synth.privacy() == PrivacyStatement.of(PrivacyLedger(), DELTA, target_epsilon=2.0,
+                                                    accountant=synth.config.accountant).to_dict()
     first = synth.statement
     assert synth.statement is first  # computed once for a ledger
     synth.ledger.append(GaussianEvent(20.0, label="row count"))  # a spend: stated again
