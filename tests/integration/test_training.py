@@ -120,3 +120,39 @@ def test_killed_and_resumed_run_ends_with_the_same_ledger(tmp_path: Path) -> Non
     assert a["step"] == b["step"] == 12
     assert a["ledger"] == b["ledger"]
     assert float(straight.stdout) == pytest.approx(float(resumed.stdout), rel=1e-12)
+
+
+def test_a_resumed_non_private_run_goes_on_with_the_next_batches(tmp_path: Path) -> None:
+    class Recorded(LanguageModelingObjective):
+        def __init__(self, seen: list[list[int]]) -> None:
+            task = _copy_task()
+            super().__init__(task.inputs, task.labels)
+            self.seen = seen
+
+        def rows(self, indices):
+            self.seen.append(sorted(int(i) for i in indices))
+            return super().rows(indices)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(step: int):
+        def on_step(done: int, total: int, info: dict) -> None:
+            if done == step:
+                raise Stop
+        return on_step
+
+    config = TrainConfig(steps=10, batch_size=16, lr=1e-3, private=False, data_seed=3, checkpoint_every=2,
+                         micro_batch_size=16)
+    straight: list[list[int]] = []
+    Trainer(random_model(tiny_args(), seed=1), Recorded(straight), 64, config, run_dir=tmp_path / "a").fit()
+    interrupted: list[list[int]] = []
+    with pytest.raises(Stop):  # stopped during step 5, after the checkpoint of step 4
+        Trainer(random_model(tiny_args(), seed=1), Recorded(interrupted), 64, config, run_dir=tmp_path / "b",
+                on_step=stop_at(5)).fit()
+    resumed: list[list[int]] = []
+    trainer = Trainer(random_model(tiny_args(), seed=1), Recorded(resumed), 64, config, run_dir=tmp_path / "b")
+    assert trainer.step == 4
+    trainer.fit()
+    assert len(straight) == 10 and interrupted == straight[:5]
+    assert resumed == straight[4:]  # steps 5-10: the run's own next batches, not its first ones again

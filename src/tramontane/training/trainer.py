@@ -280,17 +280,21 @@ class Trainer:
         yield from sampler
 
     def _plain_batches(self, steps: int) -> Iterator[list[int]]:
+        """The batches of steps `self.step` .. `self.step + steps - 1`: epochs of a shuffled order drawn from
+        `data_seed`, so a resumed run goes on where it stopped instead of repeating the first batches (without
+        a data_seed the order is fresh at every start)."""
         seed = self.config.data_seed if self.config.data_seed is not None else torch.seed()
         gen = torch.Generator()
         gen.manual_seed(seed if self.group is None else self.group.agree_seed(seed))
         size = min(self.config.batch_size, self.num_examples)
-        done = 0
-        while done < steps:
+        first, done = self.step, 0
+        while done < first + steps:
             order = torch.randperm(self.num_examples, generator=gen).tolist()
             for start in range(0, self.num_examples - size + 1, size):
-                if done == steps:
+                if done == first + steps:
                     return
-                yield order[start:start + size]
+                if done >= first:
+                    yield order[start:start + size]
                 done += 1
 
     def _plain_step(self, indices: list[int]) -> float:
