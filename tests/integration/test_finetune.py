@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from tramontane import accounting
 from tramontane.cli import main
-from tramontane.errors import ConfigError, PrivacyBudgetError
+from tramontane.errors import ConfigError, DataError, PrivacyBudgetError
 from tramontane.finetune.lora import LoraConfig
 from tramontane.finetune.run import PRIVACY_FILE, FinetuneConfig, FinetuneResult, finetune, read_privacy
 from tramontane.models.checkpoint import save_model
@@ -128,6 +128,23 @@ def test_existing_run_needs_resume(model_dir: Path, data: tuple[Path, Path], tmp
     finetune(model_dir, data[0], tmp_path / "run", _config(steps=1))
     with pytest.raises(ConfigError, match="another --out"):
         finetune(model_dir, data[0], tmp_path / "run", _config(steps=1))
+
+
+def test_a_run_that_fails_before_training_leaves_nothing_to_resume(model_dir: Path, data: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    out = tmp_path / "run"
+    with pytest.raises(DataError):
+        finetune(model_dir, bad, out, _config(steps=1))
+    assert not out.exists()  # no setup left behind that would ask for --resume
+    kept = tmp_path / "mine"
+    kept.mkdir()  # a folder the user made is kept, emptied of the failed run
+    with pytest.raises(ConfigError, match="LoRA|target"):
+        finetune(model_dir, data[0], kept, _config(steps=1, lora=LoraConfig(rank=4, targets=("nothing",))))
+    assert kept.is_dir() and not any(kept.iterdir())
+    finetune(model_dir, data[0], out, _config(steps=1))  # the same --out, no --resume
+    assert (out / "adapter").is_dir()
 
 
 def _cli(model_dir: Path, train: Path, out: Path, *extra: str) -> list[str]:

@@ -44,12 +44,13 @@ ledger, so N can be read from it. A unit is one example (`privacy_unit="example"
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -483,6 +484,22 @@ def load_base(model_dir: Path, config: FinetuneConfig, init_adapter: Path | None
     return model
 
 
+@contextlib.contextmanager
+def _discarded_if_unstarted(new_out: Path | None, run_dir: Path, fresh: bool) -> Iterator[None]:
+    """A fresh run that fails before training starts (a bad record, a LoRA target that matches nothing)
+    leaves no folder behind that would need --resume: its setup is removed, and `new_out` (the output folder
+    when this run created it) too if nothing else is in it. Nothing was trained or spent; the failure is
+    raised as it was."""
+    try:
+        yield
+    except BaseException:
+        if fresh and run_dir.is_dir() and not any(p.name != SETUP_FILE for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+            if new_out is not None and not any(new_out.iterdir()):
+                new_out.rmdir()
+        raise
+
+
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: FinetuneConfig, *,
              eval_data: str | Path | None = None, init_adapter: str | Path | None = None, resume: bool = False,
              on_step: StepCallback | None = None, on_phase: Callable[[str], None] | None = None) -> FinetuneResult:
@@ -498,40 +515,48 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
     run_dir = out / "run"
     if not resume and out.exists() and any(p.name in ("adapter", "model", "report") for p in out.iterdir()):
         raise ConfigError(f"{out} already holds a finished run; choose another --out")
+    fresh = not resume and not (run_dir / SETUP_FILE).exists()
+    new_out = not out.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o700)
-    setup = distributed.on_first(lambda: _setup(run_dir, config, data_path, resume))  # rank 0's, under torchrun
+    with _discarded_if_unstarted(out if new_out else None, run_dir, fresh and distributed.is_first()):
+        # rank 0's, under torchrun
+        setup = distributed.on_first(lambda: _setup(run_dir, config, data_path, resume))
 
-    phase("reading and encoding the training records")
-    records = ft_data.read_records(data_path)
-    fmt = canary_audit.CanaryFormat(config.canary_format, length=config.canary_length)
-    canaries = [canary_audit.Canary.from_dict(c) for c in setup["canaries"]]
-    real_users = {str(r.user_id) for r in records if r.user_id is not None}
-    records += ft_data.records_from_dicts(canary_audit.canary_records(canaries, real_users), source="canaries")
-    packed, dropped = training_rows(tokenizer, records, config, setup["data_seed"])
-    held = held_out_rows(tokenizer, Path(eval_data), config) if eval_data is not None else None
-    n_units = int(packed.unit_of_row.max()) + 1 if packed.unit_of_row.numel() else 0
-    if n_units == 0:
-        raise ConfigError(f"{data_path} has no training example left")
+        phase("reading and encoding the training records")
+        records = ft_data.read_records(data_path)
+        fmt = canary_audit.CanaryFormat(config.canary_format, length=config.canary_length)
+        canaries = [canary_audit.Canary.from_dict(c) for c in setup["canaries"]]
+        real_users = {str(r.user_id) for r in records if r.user_id is not None}
+        records += ft_data.records_from_dicts(canary_audit.canary_records(canaries, real_users),
+                                              source="canaries")
+        packed, dropped = training_rows(tokenizer, records, config, setup["data_seed"])
+        held = held_out_rows(tokenizer, Path(eval_data), config) if eval_data is not None else None
+        n_units = int(packed.unit_of_row.max()) + 1 if packed.unit_of_row.numel() else 0
+        if n_units == 0:
+            raise ConfigError(f"{data_path} has no training example left")
 
-    plan = plan_run(config, n_units, ledger)
-    phase(f"{'DP-SGD' if config.private else 'training'}: {plan.steps} steps, expected batch {plan.batch_size} "
-          f"of {n_units} {config.privacy_unit}s" + (f", noise multiplier {plan.noise_multiplier:.4g}"
-                                                   if config.private else ""))
-    model = load_base(model_dir, config, init, lora_seed=config.seed)
-    objective = LanguageModelingObjective(packed.inputs, packed.labels, example_of_row=packed.unit_of_row,
-                                          trim_padding=True)
-    train_config = TrainConfig(
-        steps=plan.steps, batch_size=plan.batch_size, lr=config.learning_rate, warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay, micro_batch_size=config.micro_batch_size, private=config.private,
-        max_grad_norm=config.max_grad_norm, noise_multiplier=plan.noise_multiplier,
-        target_epsilon=config.epsilon if config.private else None, delta=config.delta if config.private else None,
-        accountant=config.accountant, noise_seed=config.seed, data_seed=setup["data_seed"],
-        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every if held is not None else 0,
-        label="finetune")
-    evaluate = (lambda m: _mean_loss(m, held)) if held is not None else None
-    trainer = Trainer(model, objective, n_units, train_config, run_dir=run_dir, ledger=ledger,
-                      evaluate=evaluate, on_step=on_step, save_frozen=config.method == "full")
+        plan = plan_run(config, n_units, ledger)
+        phase(f"{'DP-SGD' if config.private else 'training'}: {plan.steps} steps, "
+              f"expected batch {plan.batch_size} "
+              f"of {n_units} {config.privacy_unit}s" + (f", noise multiplier {plan.noise_multiplier:.4g}"
+                                                       if config.private else ""))
+        model = load_base(model_dir, config, init, lora_seed=config.seed)
+        objective = LanguageModelingObjective(packed.inputs, packed.labels, example_of_row=packed.unit_of_row,
+                                              trim_padding=True)
+        train_config = TrainConfig(
+            steps=plan.steps, batch_size=plan.batch_size, lr=config.learning_rate,
+            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+            micro_batch_size=config.micro_batch_size, private=config.private,
+            max_grad_norm=config.max_grad_norm, noise_multiplier=plan.noise_multiplier,
+            target_epsilon=config.epsilon if config.private else None,
+            delta=config.delta if config.private else None,
+            accountant=config.accountant, noise_seed=config.seed, data_seed=setup["data_seed"],
+            checkpoint_every=config.checkpoint_every, eval_every=config.eval_every if held is not None else 0,
+            label="finetune")
+        evaluate = (lambda m: _mean_loss(m, held)) if held is not None else None
+        trainer = Trainer(model, objective, n_units, train_config, run_dir=run_dir, ledger=ledger,
+                          evaluate=evaluate, on_step=on_step, save_frozen=config.method == "full")
     result = trainer.fit()
 
     phase("writing the weights and the report")
