@@ -530,7 +530,9 @@ def main() -> None:
     else:
         results = next(iter(per_seed.values()))["results"]
     print(json.dumps({"benchmark": "synth", "dataset": args.dataset, "target": table.target,
-                      "rows": args.rows, "delta": DELTA, "seeds": args.seeds, "cpus": os.cpu_count(),
+                      "rows": per_seed[str(args.seeds[0])]["rows"],
+                      "test_rows": per_seed[str(args.seeds[0])]["test_rows"],
+                      "delta": DELTA, "seeds": args.seeds, "cpus": os.cpu_count(),
                       "aim_rounds": args.aim_rounds, "pgm_sampler": args.pgm_sampler,
                       "quantile_bins": QUANTILE_BINS,
                       "pgm_versions": pgm_versions(pgm_python) if pgm_python else None,
@@ -578,7 +580,8 @@ def run_seed(seed: int, methods: list[str], args, pgm_python: Path | None, work:
         floor_failures[f"{eps:g}"] = floor_check(per)  # every failure, refused or only marked
     print()
     print_table(results, held_out)
-    return held_out, {"results": results, "floor_check_failed": floor_failures}
+    return held_out, {"results": results, "floor_check_failed": floor_failures, "rows": len(train),
+                      "test_rows": len(test)}
 
 
 def median_results(runs: list[dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
