@@ -21,7 +21,13 @@ llama.cpp runs through llama-cpp-python built from its source distribution (cmak
 its own venv, `.bench/llamacpp-venv` by default, created on first use (10-20 minutes on 2 cores); when it
 cannot be built the llama.cpp rows are skipped and the reason is recorded in the last line.
 
+tramontane is loaded as `tramontane generate` and `serve` load it: `models.cpu_linear.prepack_for_inference`
+runs each linear layer through MKL (`F.linear`) or a oneDNN-packed weight, whichever it timed faster for the
+layer's shape; "tramontane fp32 unpacked" / "bf16 unpacked" are the same models with every layer on
+`F.linear`.
+
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generate.py [--repeats 5] [--prompt-len 512] [--new-tokens 64]
+        [--only "transformers fp32,tramontane fp32,tramontane fp32 unpacked"]
 
 The last line printed is one JSON object with the ratios (higher is better for speed, lower for memory).
 """
@@ -48,6 +54,8 @@ CONFIG = {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12,
           "tie_word_embeddings": False}
 TRAMONTANE = {"fp32": (None, None), "bf16": ("bfloat16", None), "int8": ("bfloat16", ("int8", None)),
               "int4": ("bfloat16", ("int4", 64))}
+# the float variants without `prepack_for_inference` (every linear layer through F.linear), as before it
+UNPACKED = ("fp32", "bf16")
 TRANSFORMERS = ("fp32", "bf16")
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
 DEFAULT_LLAMA_VENV = ROOT / ".bench" / "llamacpp-venv"
@@ -71,7 +79,9 @@ def the_prompt(prompt_len: int) -> list[int]:
 
 def decode_bytes(module) -> int:
     """Bytes of the tensors one decoded token reads: every parameter and buffer except the embedding table
-    (one row of it counted), each storage once."""
+    (one row of it counted), each storage once, and the oneDNN-packed weights (`models.cpu_linear`)."""
+    import torch
+
     seen, total = set(), 0
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor is None or tensor.numel() == 0 or tensor.data_ptr() in seen:
@@ -80,11 +90,17 @@ def decode_bytes(module) -> int:
         size = tensor.numel() * tensor.element_size()
         embedding = name.startswith(("tok_embeddings.", "model.embed_tokens."))
         total += size // tensor.shape[0] if embedding else size
+    for layer in module.modules():  # packed weights are neither parameters nor buffers
+        packed = getattr(layer, "packed", None)
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * packed.element_size()
     return total
 
 
 def run_engine(engine: str, variant: str, directory: Path, prompt_len: int, new_tokens: int) -> None:
     import torch
+
+    variant, unpacked = variant.removesuffix(" unpacked"), variant.endswith(" unpacked")
 
     torch.set_num_threads(2)
     prompt = torch.tensor([the_prompt(prompt_len)])
@@ -97,6 +113,10 @@ def run_engine(engine: str, variant: str, directory: Path, prompt_len: int, new_
         config = None if quant is None else QuantConfig(quant[0], quant[1], embeddings=True, output=True)
         model, _ = load_model(directory, dtype=dtype, quantize=config)
         model.eval()
+        if not unpacked:  # as `tramontane generate` and `serve` load it
+            from tramontane.models.cpu_linear import prepack_for_inference
+
+            prepack_for_inference(model)
 
         def prefill() -> None:
             with torch.no_grad():
@@ -246,6 +266,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--llama-venv", type=Path, default=DEFAULT_LLAMA_VENV)
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp (no venv is built)")
+    parser.add_argument("--only", help="comma-separated engines to run, as the table names them (default: "
+                        "all; tramontane fp32 and transformers fp32 are required)")
     parser.add_argument("--engine", choices=["tramontane", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -265,9 +287,18 @@ def main() -> None:
             llama_error = f"llama-cpp-python could not be built: {err}"
             print(f"WARNING: {llama_error}; the llama.cpp rows are skipped", flush=True)
 
-    results: dict[str, dict | None] = {f"{e} {v}": None for e, vs in (("transformers", TRANSFORMERS),
-                                                                      ("tramontane", TRAMONTANE)) for v in vs}
-    results |= {f"llama.cpp {kind}": None for kind in GGUF_TYPES}
+    variants = [("transformers", v) for v in TRANSFORMERS] + [("tramontane", v) for v in TRAMONTANE] + [
+        ("tramontane", f"{v} unpacked") for v in UNPACKED]
+    if args.only:
+        only = {name.strip() for name in args.only.split(",")}
+        unknown = only - {f"{e} {v}" for e, v in variants} - {f"llama.cpp {kind}" for kind in GGUF_TYPES}
+        if unknown or not {"tramontane fp32", "transformers fp32"} <= only:
+            parser.error(f"--only: unknown {sorted(unknown)}, or missing the anchors tramontane fp32 and "
+                         "transformers fp32")
+        variants = [(e, v) for e, v in variants if f"{e} {v}" in only]
+    results: dict[str, dict | None] = {f"{e} {v}": None for e, v in variants}
+    results |= {f"llama.cpp {kind}": None for kind in GGUF_TYPES
+                if not args.only or f"llama.cpp {kind}" in only}
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -276,14 +307,13 @@ def main() -> None:
         try:
             # loaded one after the other, then timed in interleaved rounds (a rotating order each round), so
             # that a change of load on a shared machine hits every engine alike
-            for engine, variant in [("transformers", v) for v in TRANSFORMERS] + [("tramontane", v)
-                                                                                   for v in TRAMONTANE]:
+            for engine, variant in variants:
                 engines.append(Engine(f"{engine} {variant}", [
                     sys.executable, __file__, "--engine", engine, "--variant", variant, "--checkpoint",
                     str(directory), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)],
                     env))
             for kind in GGUF_TYPES:
-                if llama_python is None:
+                if llama_python is None or (args.only and f"llama.cpp {kind}" not in only):
                     continue
                 try:
                     engines.append(start_llama(llama_python, directory, kind, args, env))
@@ -309,14 +339,14 @@ def main() -> None:
           f"{args.new_tokens} new tokens, batch 1, median of {args.repeats}"
           + (f"; llama-cpp-python {versions.get('llama_cpp_python')}, gguf {versions.get('gguf')}" if versions
              else ""))
-    print(f"{'engine':<20}{'prefill tok/s':>14}{'decode tok/s':>13}{'MB/token':>10}{'GB/s':>7}"
+    print(f"{'engine':<26}{'prefill tok/s':>14}{'decode tok/s':>13}{'MB/token':>10}{'GB/s':>7}"
           f"{'peak RSS MB':>12}{'tokens = fp32':>14}")
     for name, r in results.items():
         if r is None:
-            print(f"{name:<20}{'(not run)':>14}")
+            print(f"{name:<26}{'(not run)':>14}")
             continue
         mb = r["decode_bytes_per_token"] / 1e6
-        print(f"{name:<20}{r['prefill_tokens_per_s']:>14.1f}{r['decode_tokens_per_s']:>13.1f}{mb:>10.1f}"
+        print(f"{name:<26}{r['prefill_tokens_per_s']:>14.1f}{r['decode_tokens_per_s']:>13.1f}{mb:>10.1f}"
               f"{mb * r['decode_tokens_per_s'] / 1e3:>7.2f}{r['peak_rss_mb']:>12.0f}"
               f"{_agreement(r['tokens'], ours['tokens']):>10}/{len(ours['tokens'])}")
     same = ours["tokens"] == hf["tokens"]
@@ -332,7 +362,11 @@ def main() -> None:
         "int8_vs_llamacpp_q8_0": _ratio(get("tramontane int8"), get("llama.cpp Q8_0")),
         "int4_vs_llamacpp_q4_0": _ratio(get("tramontane int4"), get("llama.cpp Q4_0")),
         "bf16_decode_speedup_vs_hf_bf16": _ratio(get("tramontane bf16"), get("transformers bf16")),
+        "prepack_decode_speedup": {v: _ratio(get(f"tramontane {v}"), get(f"tramontane {v} unpacked"))
+                                   for v in UNPACKED},
         "prefill_vs_fp32": {v: _ratio(get(f"tramontane {v}"), ours, "prefill_tokens_per_s") for v in TRAMONTANE},
+        "decode_vs_hf_fp32": {v: _ratio(get(f"tramontane {v}"), hf)
+                              for v in [*TRAMONTANE, *(f"{u} unpacked" for u in UNPACKED)]},
         "llamacpp": llama_error or "ok",
     }
     print(json.dumps(summary))

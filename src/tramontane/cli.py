@@ -149,6 +149,9 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None, adapter: str | 
             f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "
             f"{model.args.vocab_size}: the directory mixes files of different models"
         )
+    from tramontane.models.cpu_linear import prepack_for_inference
+
+    prepack_for_inference(model)  # generate and chat only run inference: oneDNN where it is faster (CPU)
     _stderr().print(f"loaded {model_dir} ({model.args.num_parameters() / 1e6:.1f}M parameters, "
                     f"{tokenizer.version} tokenizer{f', LoRA adapter {adapter}' if adapter else ''}) in "
                     f"{time.perf_counter() - start:.2f} s")
@@ -207,7 +210,9 @@ def _load_vision_model_and_tokenizer(model_dir: str, dtype: str | None, format: 
         quantize_model(model, quantize)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     check_tokenizer(tokenizer, model.vision_args)
-    return model, tokenizer
+    from tramontane.models.cpu_linear import prepack_for_inference
+
+    return prepack_for_inference(model), tokenizer  # chat only runs inference
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

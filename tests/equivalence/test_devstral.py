@@ -354,7 +354,9 @@ def test_serve_and_the_cli_load_a_folder_holding_both_layouts(devstral_folders, 
     for layout in ("consolidated", "hf"):
         served = load_served_model(folder, format=layout)
         assert served.tokenizer.version == "v13"
-        assert torch.equal(_logits(served.model, torch.arange(6)[None]), _logits(model, torch.arange(6)[None]))
+        # the served model's linear layers may run packed for oneDNN: equal to float rounding
+        torch.testing.assert_close(_logits(served.model, torch.arange(6)[None]),
+                                   _logits(model, torch.arange(6)[None]), rtol=1e-5, atol=1e-5)
     assert cli.main(["generate", "--model", str(folder), "--prompt", "def f(", "--max-tokens", "2"]) == 2
     assert "--format consolidated|hf" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(folder), "--format", "hf", "--prompt", "def f(",

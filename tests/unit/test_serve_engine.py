@@ -27,6 +27,7 @@ from tramontane.errors import (
 )
 from tramontane.generation import SamplingParams, generate
 from tramontane.models import Transformer
+from tramontane.models.cpu_linear import prepack_for_inference
 from tramontane.serve import engine as engine_module
 from tramontane.serve.engine import Engine, EngineConfig, EngineRequest, RequestStream, TokenEvent
 
@@ -97,18 +98,33 @@ def test_single_requests_equal_generate(engines, moe: bool, window: int | None) 
         assert all(e.top_logprobs is None for e in events)
 
 
-def test_output_head_equals_the_models_layer() -> None:
-    """The engine's head (oneDNN over a copy of the weight, for a float32 model on CPU) gives the model's own
-    logits to float32 rounding, for one row and for a decode step's many; other dtypes use the layer itself."""
+def test_output_head_equals_the_models_layer(engines) -> None:
+    """The engine's head (`models.cpu_linear.pack_linear`: a oneDNN-packed copy of the weight where that is
+    faster, else the layer itself) gives the model's own logits to float32 rounding, for one row and for a
+    decode step's many, and to bfloat16 rounding in bfloat16; a model already packed keeps its own head."""
     model = random_model(tiny_args(vocab_size=4099), seed=5)
-    head = engine_module._OutputHead(model)
+    half = random_model(tiny_args(), seed=5).to(torch.bfloat16)
     with torch.inference_mode():
         for rows in (1, 3, 16):
             x = torch.randn(rows, model.args.dim)
+            head = engines(model, start=False)._head
             torch.testing.assert_close(head(x), model.output(x), rtol=1e-5, atol=1e-5)
-        half = random_model(tiny_args(), seed=5).to(torch.bfloat16)
         x = torch.randn(4, half.args.dim, dtype=torch.bfloat16)
-        assert torch.equal(engine_module._OutputHead(half)(x), half.output(x))
+        torch.testing.assert_close(engines(half, start=False)._head(x), half.output(x), rtol=3e-2, atol=3e-2)
+    packed = prepack_for_inference(random_model(tiny_args(), seed=5), always=True)
+    assert engines(packed, start=False)._head is packed.output
+
+
+def test_a_packed_model_serves_the_plain_models_greedy_tokens(engines) -> None:
+    """Every linear layer packed for oneDNN (`prepack_for_inference`, as `serve` loads models): the engine's
+    greedy tokens equal `generate()` on the plain model."""
+    model = random_model(tiny_args(), seed=21)
+    packed = prepack_for_inference(random_model(tiny_args(), seed=21), always=True)
+    prompts = _prompts([5, 9, 14], seed=3)
+    expected = [r.tokens for r in generate(model, prompts, SamplingParams(max_tokens=10))]
+    engine = engines(packed)
+    streams = [engine.submit(EngineRequest(prompt, max_tokens=10)) for prompt in prompts]
+    assert [_tokens(_collect(stream)) for stream in streams] == expected
 
 
 def test_top_logprobs_are_the_best_alternatives_sorted(engines, model) -> None:

@@ -111,7 +111,7 @@ def load_model(
         if wanted is not None and wanted != saved:
             raise ConfigError(f"{path} is already quantized ({saved}); load it without quantize=, or quantize "
                               "the float checkpoint it was made from")
-        return _load_quantized(path, args, saved, dtype, device), args
+        return _load_quantized(path, args, saved, dtype, device).eval(), args
     state = read_state_dict(path, args, format=fmt, dtype=dtype, device=device)
     with torch.device("meta"):
         model = Transformer(args)
@@ -121,7 +121,7 @@ def load_model(
     assert not any(t.is_meta for t in model.state_dict().values())
     if wanted is not None:
         quantize_model(model, wanted)
-    return model, args
+    return model.eval(), args  # inference mode, as the quantized kernels need; a trainer sets train mode
 
 
 def save_model(

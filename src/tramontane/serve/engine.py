@@ -6,7 +6,8 @@ requests join (up to `max_batch`), and one forward call runs, bounded by `max_st
 every decoding sequence first, then chunks of at most `prefill_chunk` prompt tokens of the sequences still
 prefilling, in arrival order. The tokens of all sequences are flattened into one row set [1, N], so norms,
 projections, the feed-forward (dense or MoE) and the output head run once for the whole step, through the
-model's own modules (the weights are never copied, except the output head's on CPU: `_OutputHead`); only the
+model's own modules (the weights are never copied, except the output head's on CPU where a oneDNN-packed copy
+is faster: `models.cpu_linear.pack_linear`, a no-op on a model already packed by the loader); only the
 attention core is done per sequence, by the `AttentionContext.core` hook of the model's `Attention`:
 - the keys and values of all running sequences live in one pool (`_KVPool`), a row per sequence, and each
   sequence's `KVCache` (`models/cache.py`: the model's rolling window, position p in slot p mod size) is a
@@ -38,8 +39,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tramontane.errors import (
     ConfigError,
@@ -50,6 +49,7 @@ from tramontane.errors import (
 )
 from tramontane.generation.text import sample_next, sampling_problems
 from tramontane.models.cache import CacheStep, KVCache
+from tramontane.models.cpu_linear import pack_linear
 from tramontane.models.layers import AttentionContext, attention_core, cache_mask
 from tramontane.models.rope import rotary_angles
 from tramontane.models.transformer import Transformer
@@ -393,30 +393,6 @@ class _DecodePlan:
                            hi, read, dense, mask, solo)
 
 
-class _OutputHead:
-    """The output head over the rows that emit a token: [M, dim] -> [M, V] logits.
-
-    A float32 head on CPU runs as oneDNN's inner product over a copy of its weight taken here: torch's float32
-    `linear` goes to MKL, which takes its generic path on AMD processors, and for the 1-16 rows of a decode
-    step against a 32768-wide head it was 1.2-3x slower than oneDNN on a 2-core AMD EPYC (a decode step of 16
-    rows 19% faster; BENCHMARKS.md, Serving). The results agree to float32 rounding. Other dtypes and devices,
-    and quantized heads, run the model's own layer. The copy is taken once: weights changed afterwards are not
-    seen.
-    """
-
-    def __init__(self, model: Transformer) -> None:
-        layer = self._layer = model.output
-        self._weight: torch.Tensor | None = None
-        if (type(layer) is nn.Linear and layer.bias is None and layer.weight.device.type == "cpu"
-                and layer.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
-            self._weight = layer.weight.detach().to_mkldnn()
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._weight is None:
-            return self._layer(hidden)
-        return F.linear(hidden.contiguous().to_mkldnn(), self._weight).to_dense()
-
-
 @dataclass
 class _Counters:
     generated_tokens: int = 0
@@ -443,7 +419,7 @@ class Engine:
         self._counters = _Counters()
         self._started_at = time.perf_counter()
         self._pool = self._new_pool()
-        self._head = _OutputHead(model)
+        self._head = pack_linear(model.output)  # model.output itself unless packed is faster
 
     # -- public surface --------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import torch
 from tramontane.errors import CheckpointError, ConfigError, TokenizerError
 from tramontane.finetune.run import read_privacy
 from tramontane.models.checkpoint import Format, Kind, detect_kind, load_model
+from tramontane.models.cpu_linear import prepack_for_inference
 from tramontane.models.quant import QuantConfig, quantize_model
 from tramontane.models.transformer import Transformer
 from tramontane.tokenizer import Tokenizer
@@ -103,7 +104,7 @@ def load_served_model(model_dir: str | os.PathLike[str], adapter: str | os.PathL
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.args.vocab_size}: the folder mixes files of different models")
-    model.eval()
+    prepack_for_inference(model)  # eval mode; linear layers through oneDNN where it is faster (CPU only)
     served = ServedModel(kind=kind, model=model, text_model=model, tokenizer=tokenizer,
                          name=name or model_dir.resolve().name, privacy=_privacy(adapter, model_dir),
                          max_seq_len=_context_length(model))
