@@ -957,6 +957,8 @@ def _fit_synthesizer(args: argparse.Namespace) -> tuple[Synthesizer, pd.DataFram
     config = SynthConfig.fast() if args.fast else SynthConfig()
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
+    if args.accountant is not None:
+        config = dataclasses.replace(config, accountant=args.accountant)
     schema = datasets.schema_for(args.data, args.schema)
     synth = Synthesizer(schema, epsilon=args.epsilon, delta=args.delta, config=config, seed=args.seed,
                         allow_non_private_schema=args.allow_non_private_schema)
@@ -1147,6 +1149,9 @@ def _add_synth_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--test", default=None, help="held-out real table for the learning curve and utility")
         p.add_argument("--fast", action="store_true", help="smaller model, fewer steps (quick, lower utility)")
         p.add_argument("--steps", type=int, default=None, help="override the number of DP-SGD steps")
+        p.add_argument("--accountant", choices=["rdp", "pld"], default=None,
+                       help="the accountant that calibrates the noise (default: pld, the tighter; rdp is "
+                            "faster to calibrate at large epsilon)")
         p.add_argument("--seed", type=int, default=None, help="reproducible initialisation and sampling "
                        "(the DP noise stays securely random)")
         p.add_argument("--allow-non-private-schema", action="store_true",

@@ -31,7 +31,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def saved_model(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small fitted synthesizer (each test works on its own copy)."""
     model = tmp_path_factory.mktemp("saved") / "model"
-    assert main(["synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
+    assert main(["synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2", "--accountant", "rdp",
                  "--out-model", str(model)]) == 0
     return model
 
@@ -54,7 +54,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 def test_existing_outputs_are_refused_and_kept(data: Path, tmp_path: Path, capsys) -> None:
-    fit = ["synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2"]
+    fit = ["synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2", "--accountant", "rdp"]
     existing = tmp_path / "existing_dir"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
@@ -68,7 +68,7 @@ def test_existing_outputs_are_refused_and_kept(data: Path, tmp_path: Path, capsy
 
     folder = tmp_path / "folder"
     folder.mkdir()
-    one_go = ["synth", "--data", str(data), "--epsilon", "50", "--steps", "2"]
+    one_go = ["synth", "--data", str(data), "--epsilon", "50", "--steps", "2", "--accountant", "rdp"]
     _refused_before_reading(*_run(capsys, *one_go, "--out", str(folder)), "is a folder")
     csv = tmp_path / "old.csv"
     csv.write_text("x\n1\n")
@@ -104,7 +104,7 @@ def test_an_unwritable_folder_is_refused_before_any_private_read(data: Path, tmp
         pytest.skip("chattr +i is not available on this file system")
     try:
         code, err = _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--steps", "2",
-                         "--out-model", str(locked / "model"))
+                         "--accountant", "rdp", "--out-model", str(locked / "model"))
         _refused_before_reading(code, err, "cannot write")
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
@@ -167,7 +167,8 @@ def test_ctrl_c_says_what_was_spent(data: Path, tmp_path: Path) -> None:
 
     model = tmp_path / "model"
     proc = subprocess.Popen([sys.executable, "-m", "tramontane.cli", "synth", "fit", "--data", str(data),
-                             "--epsilon", "50", "--steps", "100000", "--out-model", str(model)],
+                             "--epsilon", "50", "--steps", "100000", "--accountant", "rdp", "--out-model",
+                             str(model)],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 60
@@ -197,7 +198,7 @@ def test_a_save_killed_midway_leaves_no_debris_after_the_next_save(saved_model: 
 
 def test_a_delta_above_one_over_the_rows_is_warned_about(data: Path, tmp_path: Path, capsys) -> None:
     code, err = _run(capsys, "synth", "fit", "--data", str(data), "--epsilon", "50", "--delta", "0.5",
-                     "--steps", "2", "--out-model", str(tmp_path / "m"))
+                     "--steps", "2", "--accountant", "rdp", "--out-model", str(tmp_path / "m"))
     assert code == 0, err
     assert "warning: delta 0.5 is above 1 / rows" in err
 
