@@ -102,7 +102,7 @@ def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     options = _finetune_options(model_dir, data)
     commands = {"finetune": ["finetune", *options, "--out", str(folder / "two")],
                 "synth": ["synth", "fit", "--data", str(folder / "d.csv"), "--epsilon", "20", "--steps", "4",
-                          "--seed", "0", "--checkpoint-every", "2", "--run-dir", str(folder / "run"),
+                          "--accountant", "rdp", "--seed", "0", "--checkpoint-every", "2", "--run-dir", str(folder / "run"),
                           "--out-model", str(folder / "model")]}
     (folder / "commands.json").write_text(json.dumps(commands))
     launch = start_torchrun([__file__, str(folder)])
