@@ -45,7 +45,7 @@ def run(tmp_path_factory):
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's RDP warnings at q = 0.5
     data = load_adult("train")[COLUMNS]
     train, test = data.iloc[:600].reset_index(drop=True), load_adult("test")[COLUMNS].iloc[:300]
-    config = SynthConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, steps=3)
+    config = SynthConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, steps=3, accountant="rdp")
     synth = Synthesizer(adult_schema().select(COLUMNS), epsilon=8.0, delta=1e-5, config=config, seed=0)
     synth.fit(train, test=test)
     synthetic = synth.sample(synth.summary.rows_dp, seed=0)
