@@ -437,3 +437,28 @@ def test_full_finetuning_of_a_quantized_base_is_refused(model_dir: Path, small_d
     save_model(quantize_model(load_model(model_dir)[0], "int8"), quantized)
     with pytest.raises(ConfigError, match="quantized checkpoint"):
         load_base(quantized, _qconfig(method="full"))
+
+
+def test_a_checkpoint_saved_quantized_is_the_base_the_report_records(model_dir: Path, small_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """A base saved quantized (head and embeddings too) trains as it was saved; the report names its scheme
+    (not "no quantization"); a different scheme asked for, or full fine-tuning, is refused before anything
+    is written."""
+    from tramontane.models.checkpoint import load_model
+    from tramontane.models.quant import QuantConfig, quantize_model
+
+    quantized = tmp_path / "int4-checkpoint"
+    save_model(quantize_model(load_model(model_dir)[0], QuantConfig("int4", 32, embeddings=True, output=True)),
+               quantized)
+    for path in model_dir.iterdir():  # the tokenizer
+        if path.name.startswith("tekken") or ".model" in path.name:
+            shutil.copy2(path, quantized / path.name)
+    for config, match in ((_qconfig(quantize="int8"), "already quantized \\(int4, group size 32\\)"),
+                          (_qconfig(quantize="int4"), "already quantized"),  # group size 64 is not 32
+                          (_qconfig(method="full"), "quantized checkpoint")):
+        with pytest.raises(ConfigError, match=match):
+            finetune(quantized, small_data, tmp_path / "refused", config)
+        assert not (tmp_path / "refused").exists()
+    for name, config in (("as-saved", _qconfig()), ("same-scheme", _qconfig(quantize="int4", quant_group_size=32))):
+        result = finetune(quantized, small_data, tmp_path / name, config)
+        assert (result.release["config"]["quantize"], result.release["config"]["quant_group_size"]) == ("int4", 32)

@@ -439,14 +439,31 @@ def held_out_rows(tokenizer: Tokenizer, path: Path, config: FinetuneConfig) -> f
     return ft_data.pack_examples(encoded, list(range(len(encoded))), config.max_len, mode="truncate")
 
 
-def _check_quantizable(model_dir: Path, config: FinetuneConfig) -> None:
-    """Refuse, before the run writes anything, a quantization the checkpoint's layer sizes do not take (e.g.
-    an int4 group size that does not divide them), on a meta-device skeleton: no weight is read."""
+def _resolve_base_quantization(model_dir: Path, config: FinetuneConfig) -> None:
+    """Settle, before the run writes anything, how the base is quantized, so the report and a resume record
+    the base the adapters were really trained over.
+
+    A checkpoint saved quantized (`models.quant`'s layout) is the base as it was saved: `config.quantize` and
+    `quant_group_size` take its scheme (a different one asked for is refused: re-quantize the float
+    checkpoint instead). A float checkpoint with `config.quantize` is checked on a meta-device skeleton (no
+    weight read) for layer sizes the scheme cannot take, e.g. an int4 group size that does not divide them."""
+    args = load_args(model_dir)
+    if "quantization" in args.extra:
+        saved = QuantConfig.from_params(args.extra["quantization"], str(model_dir / "params.json"))
+        if config.method == "full":
+            raise ConfigError(f"{model_dir} is a quantized checkpoint ({saved.mode}), whose weights full "
+                              "fine-tuning cannot train: fine-tune the float checkpoint, or train LoRA adapters "
+                              "(method='lora')")
+        if config.quantize is not None and (config.quantize, config.quant_group_size) != (saved.mode,
+                                                                                          saved.group_size):
+            raise ConfigError(f"{model_dir} is already quantized ({saved.mode}"
+                              + (f", group size {saved.group_size}" if saved.group_size else "")
+                              + f"), not as quantize={config.quantize!r} asks: leave --quantize out to train "
+                              "over the checkpoint as saved, or quantize the float checkpoint it was made from")
+        config.quantize, config.quant_group_size = saved.mode, saved.group_size
+        return
     quant = config.quant_config
     if quant is None:
-        return
-    args = load_args(model_dir)
-    if "quantization" in args.extra:  # saved quantized: load_model checks it is the same scheme
         return
     with torch.device("meta"):
         quantize_model(Transformer(args), quant)
@@ -462,7 +479,8 @@ def load_base(model_dir: Path, config: FinetuneConfig, init_adapter: Path | None
     The adapter a run saves is an ordinary PEFT LoRA: it loads over the float (unquantized) base as well, but
     it was trained against the quantized one, so over the float base it meets weights that differ from those
     it was trained with by the quantization error."""
-    model, _ = load_model(model_dir, dtype=torch.float32, quantize=config.quant_config)
+    saved_quantized = "quantization" in load_args(model_dir).extra  # loads as saved (its scheme is config's)
+    model, _ = load_model(model_dir, dtype=torch.float32, quantize=None if saved_quantized else config.quant_config)
     if config.method == "full" and quantization_config(model) is not None:
         raise ConfigError(f"{model_dir} is a quantized checkpoint, whose weights full fine-tuning cannot train: "
                           "fine-tune the float checkpoint, or train LoRA adapters (method='lora')")
@@ -511,7 +529,7 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
     init = Path(init_adapter) if init_adapter is not None else None
     ledger = prior_ledger(init, config)  # refuses an exhausted budget before any record is read
     tokenizer = Tokenizer.from_model_dir(model_dir)
-    _check_quantizable(model_dir, config)
+    _resolve_base_quantization(model_dir, config)
     run_dir = out / "run"
     if not resume and out.exists() and any(p.name in ("adapter", "model", "report") for p in out.iterdir()):
         raise ConfigError(f"{out} already holds a finished run; choose another --out")
