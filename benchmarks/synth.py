@@ -77,6 +77,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# the benchmarks' shared helpers, however this file is loaded (as a script or by path, as the tests do)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _venv import ensure_venv  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".bench" / "pgm-venv"
 PGM_TORCH = "torch==2.13.0"
@@ -117,17 +121,10 @@ def job_tables(job: dict):
 # -- the baselines' venv ---------------------------------------------------------------------------------
 
 def ensure_pgm_venv(venv: Path) -> Path:
-    """The venv's python, creating the venv (torch CPU wheel first, then smartnoise-synth) if missing."""
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import snsynth"]
-    if python.exists() and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
-        return python
-    print(f"creating the baselines' venv at {venv} (a few minutes)", flush=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + [PGM_TORCH], check=True)
-    subprocess.run(pip + ["smartnoise-synth"], check=True)
+    """The baselines' venv's python: the torch CPU wheel first (else smartnoise-synth pulls a CUDA build), then
+    smartnoise-synth; created once."""
+    python = ensure_venv(venv, "import snsynth", [[PGM_TORCH], ["smartnoise-synth"]],
+                         "smartnoise-synth and its pinned mbi (a few minutes)")
     torch_version = subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"],
                                    capture_output=True, text=True, check=True).stdout.strip()
     if not torch_version.startswith(PGM_TORCH.split("==")[1]):
