@@ -180,3 +180,33 @@ def test_adaptive_selection_is_blind_when_its_epsilon_is_tiny():
     picks = [M.select_adaptive(schema, budget, pool, private, rows=2_000, noise_seed=s, iterations=2).queries[-1]
              for s in range(60)]
     assert picks.count((0, 1, 2)) < 20  # 6 expected; an informed choice would take all 60
+
+
+def test_the_stratified_draw_keeps_each_rows_expected_count_and_the_weighted_marginals():
+    """Against closed forms: over repeated draws each row's mean count is n w_i / sum(w) (unbiased, like an
+    i.i.d. draw); within one draw every value's count of the column with the fewest values is its weighted
+    share of n within one row, and the other column's within a few, where an i.i.d. draw of the same weights
+    is off by tens of rows (its binomial standard deviation)."""
+    rng = np.random.default_rng(11)
+    pool = np.stack([rng.integers(0, 3, 600), rng.integers(0, 40, 600)], axis=1)
+    logw = rng.normal(0.0, 1.0, 600)
+    w = np.exp(logw) / np.exp(logw).sum()
+    n = 3000
+    # the rows' identities: every pool row is distinct once its index is a third column of many values
+    tagged = np.concatenate([pool, np.arange(600)[:, None]], axis=1)
+    counts = np.zeros(600)
+    draws = 400
+    for _ in range(draws):
+        counts += np.bincount(M.stratified_draw(tagged, logw, n, rng)[:, 2], minlength=600)
+    expected = n * w
+    # systematic resampling: a row's count is floor or ceil of n w_i, so its mean over draws is within
+    # 4 standard errors (the count's variance is at most 1/4) of n w_i
+    assert np.all(np.abs(counts / draws - expected) <= 4 * 0.5 / math.sqrt(draws) + 1e-9)
+    out = M.stratified_draw(pool, logw, n, rng)
+    for column, tolerance in ((0, 1.0), (1, 3.0)):
+        weighted = n * np.bincount(pool[:, column], weights=w, minlength=pool[:, column].max() + 1)
+        drawn = np.bincount(out[:, column], minlength=len(weighted))
+        assert np.abs(drawn - weighted).max() <= tolerance + 1e-9, column
+    iid = pool[rng.choice(600, size=n, p=w)]
+    weighted = n * np.bincount(pool[:, 0], weights=w, minlength=3)
+    assert np.abs(np.bincount(iid[:, 0], minlength=3) - weighted).max() > 3.0  # the noise the strata remove
