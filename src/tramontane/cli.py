@@ -60,6 +60,10 @@ def _join_torchrun() -> bool:
 # The loaders' hints name Python calls; on the command line the same fix is a file in the --model folder or
 # another command. Keyed by the library's exact words: the model-command tests fail if they drift.
 _FORMATS = ("consolidated", "hf")
+_MODEL_HELP = ("checkpoint directory (consolidated or Hugging Face), or a llama.cpp .gguf file of a Mistral / "
+               "Mixtral text model with the model's tekken.json or tokenizer.model.v* beside it; GGUF weights "
+               "are dequantized at load, to float32 for a quantized file unless --dtype is given (add --quantize "
+               "int8|int4 to shrink them again)")
 _FORMAT_HELP = ("the checkpoint layout to load where the --model folder holds both (Mistral's repositories "
                 "ship params.json and config.json side by side); default: the one present")
 
@@ -128,11 +132,13 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None, adapter: str | 
                               quantize: QuantConfig | None = None) -> tuple[Transformer, Tokenizer]:
     import torch
 
-    from tramontane.models.checkpoint import load_model
+    from tramontane.models.checkpoint import detect_format, load_model
     from tramontane.tokenizer import Tokenizer
 
     start = time.perf_counter()
     try:
+        detect_format(model_dir, _format(format))  # a wrong --model is named first, then a missing tokenizer,
+        tokenizer = Tokenizer.from_model_dir(model_dir)  # before the weights (a .gguf is dequantized: minutes)
         if adapter is None:
             model, _ = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None,
                                   format=_format(format), quantize=quantize)
@@ -141,13 +147,12 @@ def _load_model_and_tokenizer(model_dir: str, dtype: str | None, adapter: str | 
 
             model, _ = load_model_with_adapter(model_dir, adapter, dtype=getattr(torch, dtype) if dtype else None,
                                                format=_format(format), quantize=quantize)
-        tokenizer = Tokenizer.from_model_dir(model_dir)
     except TramontaneError as err:
         raise _command_line_hint(err)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise TramontaneError(
-            f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.args.vocab_size}: the directory mixes files of different models"
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model {model_dir} only "
+            f"{model.args.vocab_size}: the folder mixes files of different models"
         )
     from tramontane.models.cpu_linear import prepack_for_inference
 
@@ -485,8 +490,8 @@ def cmd_agent_eval(args: argparse.Namespace) -> int:
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    def common(p: argparse.ArgumentParser, temperature: float) -> None:
-        p.add_argument("--model", required=True, help="checkpoint directory (consolidated or Hugging Face)")
+    def common(p: argparse.ArgumentParser, temperature: float, model_help: str = _MODEL_HELP) -> None:
+        p.add_argument("--model", required=True, help=model_help)
         p.add_argument("--max-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
@@ -505,7 +510,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("transcribe", help="transcribe speech with a Voxtral model")
-    common(p, temperature=0.0)
+    common(p, temperature=0.0, model_help="Voxtral checkpoint directory (consolidated or Hugging Face)")
     p.add_argument("audio", help="audio file (WAV, FLAC, OGG, MP3); resampled to 16 kHz if needed")
     p.add_argument("--language", default=None, help="language code, e.g. en (default: let the model tell)")
     p.set_defaults(func=cmd_transcribe)
@@ -520,7 +525,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, transcriptions)")
     p.add_argument("--model", required=True, help="checkpoint directory: text, Mixtral, Pixtral / Mistral 3 or "
-                   "Voxtral (consolidated or Hugging Face)")
+                   "Voxtral (consolidated or Hugging Face); or a llama.cpp .gguf file of a Mistral / Mixtral "
+                   "text model (dequantized at load; its mistral_common tokenizer file beside it)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT layout) on top of --model; its "
                    "DP ledger is shown at /v1/models")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "

@@ -4,7 +4,7 @@ Everything that defines the token streams (sentencepiece / tekken vocabularies, 
 template of each tokenizer version v1/v2/v3/v7/..., tool-call formats, image and audio placeholders) is
 mistral_common's; this module only
 
-- finds the tokenizer file of a checkpoint directory (`Tokenizer.from_model_dir`),
+- finds the tokenizer file of a checkpoint directory, or beside a .gguf file (`Tokenizer.from_model_dir`),
 - turns plain dicts into mistral_common requests (`encode_chat`),
 - decodes a token stream incrementally for printing (`IncrementalDecoder`),
 - and re-raises mistral_common's assorted exceptions as `TokenizerError` with the file and the cause.
@@ -93,18 +93,28 @@ class Tokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> Tokenizer:
-        """Load the one tokenizer file of a consolidated or Hugging Face checkpoint directory.
+        """Load the one tokenizer file of a consolidated or Hugging Face checkpoint directory, or of the folder
+        holding a one-file checkpoint (a llama.cpp `.gguf`, whose own vocabulary is not used).
 
         Versioned files (`tekken*.json`, `*.model.v3`, ...) win over a bare `tokenizer.model` (which
         mistral_common reads as v1; HF repos of v3 models ship both). Several versioned files are
         ambiguous: pass the one you mean to `from_file`.
         """
         model_dir = Path(model_dir)
+        model_file = model_dir if model_dir.is_file() else None
+        if model_file is not None:
+            model_dir = model_file.parent
         if not model_dir.is_dir():
             raise TokenizerError(f"model directory not found: {model_dir}")
         files = sorted(p for p in model_dir.iterdir() if is_tekken(p) or is_sentencepiece(p))
         versioned = [p for p in files if not p.name.endswith(".model")]
         candidates = versioned or files
+        if not candidates and model_file is not None:
+            raise TokenizerError(
+                f"no tokenizer file next to {model_file.name} in {model_dir}: looked for {_LOOKED_FOR}. The "
+                "vocabulary inside a GGUF file is not used (tramontane tokenizes with mistral_common): copy the "
+                "model's tekken.json or tokenizer.model.v3 (from its original Mistral repository) into that folder"
+            )
         if not candidates:
             raise TokenizerError(f"no tokenizer file in {model_dir}: looked for {_LOOKED_FOR}")
         if len(candidates) > 1:

@@ -1,8 +1,11 @@
-"""Load and save Mistral-family checkpoints in the consolidated (mistral-inference) and Hugging Face formats.
+"""Load and save Mistral-family checkpoints in the consolidated (mistral-inference) and Hugging Face formats,
+and load llama.cpp's GGUF files.
 
 Consolidated: `params.json` + `consolidated.safetensors` (or `consolidated*.safetensors` shards), tensor
 names exactly those of `Transformer.state_dict()`. Hugging Face: `config.json` + `model.safetensors` (or
-shards listed in `model.safetensors.index.json`), MistralForCausalLM / MixtralForCausalLM names.
+shards listed in `model.safetensors.index.json`), MistralForCausalLM / MixtralForCausalLM names. GGUF: one
+`.gguf` file of llama.cpp's "llama" architecture (Mistral, Mixtral), passed as the file itself and read by
+`models.gguf`, which dequantizes llama.cpp's block formats at load (load only; nothing is written as GGUF).
 
 Two traps live here and nowhere else:
 - rotary layout: consolidated checkpoints rotate adjacent feature pairs (2i, 2i+1), HF rotates (i, i + D/2).
@@ -37,6 +40,7 @@ from torch import nn
 from tramontane.errors import CheckpointError, ConfigError
 from tramontane.files import fsync_path  # noqa: F401 - re-exported: the old import path keeps working
 from tramontane.models.args import DEFAULT_ROPE_THETA, ModelArgs, MoeArgs
+from tramontane.models.gguf import GGUFFile, is_gguf
 from tramontane.models.quant import (
     QuantConfig,
     QuantizedEmbedding,
@@ -60,8 +64,8 @@ from tramontane.tensorfiles import (
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["consolidated", "hf"]
-FORMATS: tuple[str, ...] = ("consolidated", "hf")
+Format = Literal["consolidated", "hf", "gguf"]
+FORMATS: tuple[str, ...] = ("consolidated", "hf", "gguf")
 
 _HF_ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 # What transformers' MistralConfig / MixtralConfig assume for an absent key, so we build the network
@@ -89,23 +93,29 @@ def load_model(
     device: str | torch.device = "cpu",
     quantize: QuantConfig | str | None = None,
 ) -> tuple[Transformer, ModelArgs]:
-    """Load a checkpoint directory (format detected unless given) into a `Transformer` on `device`.
+    """Load a checkpoint directory or a llama.cpp `.gguf` file (format detected unless given) into a
+    `Transformer` on `device`.
 
-    `dtype` None keeps the checkpoint's dtype (that of its embedding tensor). `quantize` ("int8", "int4" or a
-    `models.quant.QuantConfig`) quantizes the decoder's linear layers after loading a float checkpoint; a
-    checkpoint saved quantized (see `models.quant`) loads as it was saved, and `quantize`, if given, must
-    describe the same scheme. Raises `CheckpointError` for missing/ambiguous/corrupt files or tensors that do
-    not match the config, `ConfigError` for a bad config.
+    `dtype` None keeps the checkpoint's dtype (that of its embedding tensor; for GGUF see `models.gguf`:
+    float32 for a block-quantized file, whose Q8_0 / Q4_K / ... weights are dequantized at load, not run
+    natively). `quantize` ("int8", "int4" or a `models.quant.QuantConfig`) quantizes the decoder's linear
+    layers after loading a float or GGUF checkpoint; a checkpoint saved quantized (see `models.quant`) loads
+    as it was saved, and `quantize`, if given, must describe the same scheme. Raises `CheckpointError` for
+    missing/ambiguous/corrupt files or tensors that do not match the config, `ConfigError` for a bad config.
     """
     path = Path(path)
     fmt = detect_format(path, format)
+    wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
+    if fmt == "gguf":  # one parse of the file for both its metadata and its tensors
+        gguf_file = GGUFFile(path)
+        args = gguf_file.args()
+        return _assemble(gguf_file.state_dict(args, dtype=dtype, device=device), args, wanted), args
     kind = detect_kind(path, fmt)
     if kind != "text":
         loader = _MULTIMODAL_LOADERS[kind]
         raise CheckpointError(f"{path} holds a {loader[0]} checkpoint, not a text-only model: load it with "
                               f"{loader[1]} (the CLI's generate, chat, transcribe and serve detect the kind)")
     args = load_args(path, format=fmt)
-    wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
     if "quantization" in args.extra:
         saved = QuantConfig.from_params(args.extra["quantization"])
         if wanted is not None and wanted != saved:
@@ -113,15 +123,20 @@ def load_model(
                               "the float checkpoint it was made from")
         return _load_quantized(path, args, saved, dtype, device).eval(), args
     state = read_state_dict(path, args, format=fmt, dtype=dtype, device=device)
+    return _assemble(state, args, wanted), args
+
+
+def _assemble(state: dict[str, torch.Tensor], args: ModelArgs, quantize: QuantConfig | None) -> Transformer:
+    """The model holding `state` (consolidated names, checked), quantized with `quantize` if given."""
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
     if args.tied_embeddings:  # assign=True wrapped the shared tensor in two Parameters: tie them again
         model.output.weight = model.tok_embeddings.weight
     assert not any(t.is_meta for t in model.state_dict().values())
-    if wanted is not None:
-        quantize_model(model, wanted)
-    return model.eval(), args  # inference mode, as the quantized kernels need; a trainer sets train mode
+    if quantize is not None:
+        quantize_model(model, quantize)
+    return model.eval()  # inference mode, as the quantized kernels need; a trainer sets train mode
 
 
 def save_model(
@@ -141,6 +156,9 @@ def save_model(
     is refused unless `overwrite=True`, which replaces the whole directory (tokenizer files included).
     """
     fmt = _check_format(format)
+    if fmt == "gguf":
+        raise ConfigError("tramontane does not write GGUF files: save format='hf' and convert that folder with "
+                          "llama.cpp's convert_hf_to_gguf.py")
     if args is None:
         args = getattr(model, "args", None)
         if not isinstance(args, ModelArgs):
@@ -167,15 +185,27 @@ def save_model(
 
 
 def detect_format(path: str | Path, format: Format | None = None) -> Format:
-    """"consolidated" (params.json) or "hf" (config.json); a directory holding both needs `format=`."""
+    """"consolidated" (params.json) or "hf" (config.json) for a directory, which needs `format=` where it holds
+    both; "gguf" for a file that starts with GGUF's magic bytes."""
     path = Path(path)
+    fmt = _check_format(format) if format is not None else None
     if not path.exists():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds it")
+        if is_gguf(path):
+            if fmt not in (None, "gguf"):
+                raise CheckpointError(f"format={fmt!r} but {path} is a GGUF file; leave the format out")
+            return "gguf"
+        if path.suffix.lower() == ".gguf":
+            raise CheckpointError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); it "
+                                  "may be truncated or corrupt (re-download it)")
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds it (or a llama.cpp "
+                              ".gguf file)")
+    if fmt == "gguf":
+        raise ConfigError(f"format='gguf' names a llama.cpp .gguf file, but {path} is a directory; pass the "
+                          ".gguf file itself")
     has = {"consolidated": (path / "params.json").is_file(), "hf": (path / "config.json").is_file()}
-    if format is not None:
-        fmt = _check_format(format)
+    if fmt is not None:
         if not has[fmt]:
             config = "params.json" if fmt == "consolidated" else "config.json"
             raise CheckpointError(f"format={fmt!r} but {path} has no {config}")
@@ -189,6 +219,10 @@ def detect_format(path: str | Path, format: Format | None = None) -> Format:
         return "consolidated"
     if has["hf"]:
         return "hf"
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        raise CheckpointError(f"{path} has no params.json or config.json but holds GGUF file(s) {ggufs[:5]}; "
+                              "pass the .gguf file itself, not its folder")
     raise CheckpointError(
         f"{path} is not a checkpoint: it has neither params.json (consolidated format) nor config.json "
         "(Hugging Face format)"
@@ -213,7 +247,10 @@ def detect_kind(path: str | Path, format: Format | None = None) -> Kind:
     `load_model`), "vision" (Pixtral, Mistral Small 3.1: `models.vision.load_vision_language_model`) or
     "audio" (Voxtral: `models.audio.load_voxtral`). Errors as `detect_format`'s."""
     path = Path(path)
-    if detect_format(path, format) == "consolidated":
+    fmt = detect_format(path, format)
+    if fmt == "gguf":
+        return "text"  # models.gguf loads the "llama" architecture only
+    if fmt == "consolidated":
         params = read_json_object(path / "params.json")
         multimodal = params.get("multimodal")
         if "vision_encoder" in params or (isinstance(multimodal, dict) and "vision_encoder_args" in multimodal):
@@ -228,9 +265,11 @@ def detect_kind(path: str | Path, format: Format | None = None) -> Kind:
 
 
 def load_args(path: str | Path, *, format: Format | None = None) -> ModelArgs:
-    """The `ModelArgs` of a checkpoint directory, from params.json or config.json."""
+    """The `ModelArgs` of a checkpoint directory, from params.json or config.json, or of a GGUF file."""
     path = Path(path)
     fmt = detect_format(path, format)
+    if fmt == "gguf":
+        return GGUFFile(path).args()
     if fmt == "consolidated":
         args = ModelArgs.load(path / "params.json")
         if args.extra.get("quantization"):  # ours loads (models.quant's layout); any other scheme is refused
@@ -253,9 +292,12 @@ def read_state_dict(
 
     Names and shapes are checked against `Transformer(args)` before any data is read. With tied embeddings
     `output.weight` is the same tensor as `tok_embeddings.weight` (a stored copy of the head is ignored).
+    A GGUF file's tensors are dequantized (`models.gguf`).
     """
     path = Path(path)
     fmt = detect_format(path, format)
+    if fmt == "gguf":
+        return GGUFFile(path).state_dict(args, dtype=dtype, device=device)
     if "quantization" in args.extra:
         raise CheckpointError(f"{path} holds a quantized checkpoint (models.quant's layout): load it with "
                               "load_model, which rebuilds its quantized layers")
