@@ -841,7 +841,8 @@ def _add_plan_search_command(plan_sub: argparse._SubParsersAction) -> None:
         "so the total amount of noise, of the private run; the best one is recommended as the private run. The "
         "trials are NOT differentially private: run them on public or proxy data, or keep their results with "
         "the data holder.")
-    s.add_argument("--model", required=True, help="base checkpoint directory (as for `tramontane finetune`)")
+    s.add_argument("--model", required=True, help="base checkpoint directory or llama.cpp .gguf file (as for "
+                   "`tramontane finetune`)")
     s.add_argument("--data", required=True, help="training JSONL (chats or texts): public or proxy data")
     s.add_argument("--eval", required=True, help="held-out JSONL: the metric is its mean token loss")
     s.add_argument("--epsilon", type=float, required=True, help="the private run's budget")
@@ -1493,7 +1494,8 @@ def cmd_finetune_merge(args: argparse.Namespace) -> int:
     from tramontane.finetune.adapter import merge_adapter_checkpoint
 
     _check_output(args.out, "--out", "folder", args.overwrite)
-    merge_adapter_checkpoint(args.model, args.adapter, args.out, format=args.format)
+    merge_adapter_checkpoint(args.model, args.adapter, args.out, format=args.format, dtype=args.dtype,
+                             overwrite=args.overwrite)
     _stderr().print(f"wrote the merged checkpoint ({args.format}) to {args.out}")
     return 0
 
@@ -1502,7 +1504,10 @@ def _add_finetune_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="DP fine-tuning (LoRA or full) of a checkpoint on chats or text (JSONL)",
                        description="DP-SGD fine-tuning of a checkpoint: LoRA adapters (optionally over an int8 / "
                        "int4 weight-only quantized base, --quantize) or every weight (--method full)")
-    p.add_argument("--model", default=None, help="base checkpoint directory (consolidated or Hugging Face)")
+    p.add_argument("--model", default=None, help="base checkpoint directory (consolidated or Hugging Face), or a "
+                   "llama.cpp .gguf file with the model's tekken.json or tokenizer.model.v* beside it (dequantized "
+                   "to float32; --quantize re-quantizes it with tramontane's int8 / int4). --method full writes "
+                   "the trained model in the Hugging Face format, whatever the base's")
     p.add_argument("--data", default=None, help="training JSONL: {'messages': [...], 'tools': [...]} chats or "
                    "{'text': ...} records, each with an optional 'user_id'")
     p.add_argument("--out", default=None, help="run folder: adapter/ (PEFT layout + ledger), report/, run/")
@@ -1547,10 +1552,16 @@ def _add_finetune_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_finetune, finetune_command=None)
     ft_sub = p.add_subparsers(dest="finetune_command")
     merge = ft_sub.add_parser("merge", help="merge a LoRA adapter into its base: a full checkpoint")
-    merge.add_argument("--model", required=True, help="base checkpoint directory")
+    merge.add_argument("--model", required=True, help="base checkpoint directory, or a llama.cpp .gguf file (its "
+                       "folder's tokenizer files are copied)")
     merge.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
     merge.add_argument("--out", required=True)
-    merge.add_argument("--format", choices=("hf", "consolidated"), default="hf")
+    merge.add_argument("--format", choices=("hf", "consolidated"), default="hf",
+                       help="layout of the merged checkpoint (default hf, over a .gguf base too: tramontane writes "
+                            "no GGUF; convert the hf folder with llama.cpp's convert_hf_to_gguf.py)")
+    merge.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                       help="dtype of the merged weights (default: the base's; a block-quantized .gguf loads as "
+                            "float32)")
     merge.add_argument("--overwrite", action="store_true")
 
 

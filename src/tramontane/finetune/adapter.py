@@ -281,8 +281,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *,
 def load_model_with_adapter(model_dir: str | Path, adapter_dir: str | Path,
                             dtype: torch.dtype | str | None = None, format: Format | None = None,
                             quantize: QuantConfig | str | None = None) -> tuple[Transformer, ModelArgs]:
-    """`load_model(model_dir, dtype=dtype)` plus the adapter in `adapter_dir` (kept unmerged, its weights in
-    float32 over a half-precision base), in eval mode: ready for generation."""
+    """`load_model(model_dir, dtype=dtype)` (a checkpoint folder or a llama.cpp .gguf file) plus the adapter in
+    `adapter_dir` (kept unmerged, its weights in float32 over a half-precision base), in eval mode: ready for
+    generation."""
     model, args = load_model(model_dir, dtype=dtype, format=format, quantize=quantize)
     load_adapter(model, adapter_dir)
     return model.eval(), args
@@ -294,20 +295,29 @@ def merge_adapter_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_
     """Write the checkpoint base + adapter with the adapter merged into the weights, loadable by `load_model`
     (and `tramontane generate --model OUT_DIR`): the base's tokenizer files are copied beside it.
 
-    `format`: "hf" or "consolidated" (default: the base's own); `dtype`: of the saved weights (default: the
-    base checkpoint's; the merge is computed in float32 and rounded once to it). `extra_json` as in
-    `save_adapter` (e.g. the privacy ledger of the fine-tuning). The folder appears complete or not at all; an
-    existing non-empty `out_dir` is refused unless `overwrite`.
+    `base_dir`: a checkpoint folder or a llama.cpp .gguf file (its tokenizer files are those in its folder).
+    `format`: "hf" or "consolidated" (default: the base's own, and "hf" over a GGUF base: tramontane writes no
+    GGUF, and llama.cpp's convert_hf_to_gguf.py converts the HF folder back; format="gguf" is refused before
+    anything is read). `dtype`: of the saved weights (default: the base checkpoint's, for a GGUF file the one
+    `load_model` gives: float16 / bfloat16 for an F16 / BF16 file, float32 for a block-quantized one; the merge
+    is computed in float32 and rounded once to it). `extra_json` as in `save_adapter` (e.g. the privacy ledger
+    of the fine-tuning). The folder appears complete or not at all; an existing non-empty `out_dir` is refused
+    unless `overwrite`.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    fmt = format or detect_format(base_dir)
+    if format == "gguf":
+        raise ConfigError("tramontane does not write GGUF files: merge with format='hf' and convert the merged "
+                          "folder with llama.cpp's convert_hf_to_gguf.py (then requantize it with llama-quantize)")
+    fmt: Format = format or detect_format(base_dir)
+    if fmt == "gguf":  # the base's own format, which is not written: HF, the input of llama.cpp's converter
+        fmt = "hf"
     _check_out_dir(out_dir, overwrite)
     extras = _extra_files(extra_json)
     model, args = load_model(base_dir, dtype=dtype)  # loaded in the saved dtype: the merge rounds once
     load_adapter(model, adapter_dir)
     merge_lora(model)
-    tokenizer_files = _tokenizer_files(base_dir)
-    if not tokenizer_files:
+    tokenizer = tokenizer_files(base_dir)
+    if not tokenizer:
         logger.warning("%s has no tokenizer file; the merged checkpoint %s has none either", base_dir,
                        out_dir)
 
@@ -315,7 +325,7 @@ def merge_adapter_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_
         # save_model writes its own folder atomically: here it replaces this (empty) temporary folder, which
         # then gets the tokenizer and extra files and is renamed into place as a whole
         save_model(model, folder, format=fmt, args=args, overwrite=True)
-        for file in tokenizer_files:
+        for file in tokenizer:
             shutil.copyfile(file, folder / file.name)
         for file_name, text in extras.items():
             (folder / file_name).write_text(text)
@@ -414,15 +424,22 @@ def _extra_files(extra_json: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _tokenizer_files(base_dir: Path) -> list[Path]:
+def tokenizer_files(model_path: str | Path) -> list[Path]:
+    """The tokenizer files that go with a checkpoint's weights when they are saved elsewhere (a merged or fully
+    fine-tuned model): mistral_common's (`tekken*.json`, `*.model*`) and transformers' own, from the checkpoint
+    folder, or from the folder holding a one-file checkpoint (a llama.cpp .gguf, as `Tokenizer.from_model_dir`
+    looks there)."""
     from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
     from mistral_common.tokens.tokenizers.tekken import is_tekken
 
-    return sorted(p for p in base_dir.iterdir()
+    folder = Path(model_path)
+    if folder.is_file():
+        folder = folder.parent
+    return sorted(p for p in folder.iterdir()
                   if is_tekken(p) or is_sentencepiece(p) or (p.name in _HF_TOKENIZER_FILES and p.is_file()))
 
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_adapter", "load_model_with_adapter", "lora_config_from_peft",
-    "merge_adapter_checkpoint", "peft_config_dict", "save_adapter",
+    "merge_adapter_checkpoint", "peft_config_dict", "save_adapter", "tokenizer_files",
 ]

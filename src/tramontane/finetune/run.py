@@ -37,6 +37,14 @@ them, so the base holds 1 or ~0.56 byte per weight. Each adapted layer is then t
 (its weight dequantized in training) plus the float32 adapter's. Clipping, noise and the ledger are the same
 as over the float base: the quantized layers hold no parameters, and the plan does not depend on them.
 
+The base is a checkpoint folder (consolidated or Hugging Face) or a llama.cpp GGUF file (`models.gguf`: its
+tensors dequantized to float32, the tokenizer file beside it). Over a GGUF base, `quantize` re-quantizes those
+dequantized weights with tramontane's scheme (a Q4_K file trains over int4 of its dequantized values, not over
+its own blocks); the adapter's `base_model_name_or_path` is the file's path and the adapter loads over the same
+file (`tramontane generate --model X.gguf --adapter RUN/adapter`). Full fine-tuning writes `RUN/model/` in the
+Hugging Face format whatever the base (tramontane writes no GGUF; llama.cpp's convert_hf_to_gguf.py converts it),
+with the base's tokenizer files, from the GGUF's folder for a GGUF base.
+
 The number of privacy units N is used as public, as in Opacus and dp-transformers: q = B / N is in the
 ledger, so N can be read from it. A unit is one example (`privacy_unit="example"`) or one user
 (`"user"`: the `user_id` of each record; one clipped gradient per user per step).
@@ -49,6 +57,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,7 +77,7 @@ from tramontane.dp import distributed
 from tramontane.errors import ConfigError, PrivacyBudgetError
 from tramontane.files import HOLDER_MODE, SHAREABLE_MODE, write_json_atomic
 from tramontane.finetune import data as ft_data
-from tramontane.finetune.adapter import load_adapter, save_adapter
+from tramontane.finetune.adapter import load_adapter, save_adapter, tokenizer_files
 from tramontane.finetune.lora import LoraConfig, add_lora
 from tramontane.models.checkpoint import load_args, load_model, save_model
 from tramontane.models.quant import QuantConfig, quantization_config, quantize_model
@@ -521,10 +530,12 @@ def _discarded_if_unstarted(new_out: Path | None, run_dir: Path, fresh: bool) ->
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: FinetuneConfig, *,
              eval_data: str | Path | None = None, init_adapter: str | Path | None = None, resume: bool = False,
              on_step: StepCallback | None = None, on_phase: Callable[[str], None] | None = None) -> FinetuneResult:
-    """Fine-tune the checkpoint `model_dir` on the JSONL `data` and write everything under `out` (see the
-    module docstring). `init_adapter`: continue a LoRA adapter written by an earlier run (its ledger counts
-    against this run's budget). `resume`: continue this `out`'s interrupted run from its last checkpoint."""
+    """Fine-tune the checkpoint `model_dir` (a folder, or a llama.cpp .gguf file) on the JSONL `data` and write
+    everything under `out` (see the module docstring). `init_adapter`: continue a LoRA adapter written by an
+    earlier run (its ledger counts against this run's budget). `resume`: continue this `out`'s interrupted run
+    from its last checkpoint."""
     phase = on_phase or (lambda text: None)
+    base_name = os.fspath(model_dir)  # the adapter records the base as it was given
     model_dir, data_path, out = Path(model_dir), Path(data), Path(out)
     init = Path(init_adapter) if init_adapter is not None else None
     ledger = prior_ledger(init, config)  # refuses an exhausted budget before any record is read
@@ -591,14 +602,13 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, config: F
     privacy = privacy_record(result.ledger, config)
     if config.method == "lora":
         weights_dir = out / "adapter"
-        save_adapter(model, weights_dir, config.lora, base_model_name_or_path=str(model_dir),
+        save_adapter(model, weights_dir, config.lora, base_model_name_or_path=base_name,
                      extra_json={PRIVACY_FILE: privacy})
     else:
         weights_dir = out / "model"
-        save_model(model, weights_dir, format="hf")
-        for path in model_dir.iterdir():  # the tokenizer goes with the weights
-            if path.is_file() and (path.name.startswith("tekken") or ".model" in path.name):
-                shutil.copy2(path, weights_dir / path.name)
+        save_model(model, weights_dir, format="hf")  # whatever the base's format: GGUF is not written
+        for path in tokenizer_files(model_dir):  # the tokenizer goes with the weights
+            shutil.copy2(path, weights_dir / path.name)
         write_json_atomic(weights_dir / PRIVACY_FILE, privacy, SHAREABLE_MODE)
 
     phase("measuring: privacy bounds, canary exposure, held-out loss, membership attack")

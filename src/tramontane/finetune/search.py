@@ -5,8 +5,9 @@ on a held-out JSONL (lower is better).
 
 `FinetuneTask` is a picklable callable (`training.search.TrainFunction`): worker processes receive the paths
 and the settings, read and encode the records once per process, and load the base checkpoint afresh for every
-trial. Its settings are a `FinetuneConfig`, so that the recommended private run is trained with exactly the
-settings searched: `finetune_arguments` writes them back as `tramontane finetune` options.
+trial (a llama.cpp .gguf base too, its metadata parsed once per trial: `models.gguf.open_gguf`). Its settings
+are a `FinetuneConfig`, so that the recommended private run is trained with exactly the settings searched:
+`finetune_arguments` writes them back as `tramontane finetune` options.
 
 NOT PRIVATE: the trials train on the records without any accounting (`training.search`). Give a public or
 proxy JSONL, or keep the search's output with the data holder. The trials insert no canaries: a private run
@@ -25,6 +26,7 @@ from pathlib import Path
 from tramontane.errors import ConfigError, TramontaneWarning
 from tramontane.finetune import data as ft_data
 from tramontane.finetune.run import FinetuneConfig, held_out_rows, load_base, row_losses, training_rows
+from tramontane.models.gguf import is_gguf
 from tramontane.seeding import seed_for
 from tramontane.tokenizer import Tokenizer
 from tramontane.training.objectives import LanguageModelingObjective
@@ -52,7 +54,8 @@ class FinetuneTask:
     """Fine-tune `model_dir` on the JSONL `data`, score on the JSONL `eval_data` (see the module docstring).
 
     Args:
-        model_dir: the base checkpoint (consolidated or Hugging Face), with its tokenizer.
+        model_dir: the base checkpoint with its tokenizer: a consolidated or Hugging Face folder, or a
+            llama.cpp .gguf file with the tokenizer file beside it.
         data: the training records (chats or texts), as `tramontane finetune --data` reads them.
         eval_data: the held-out records whose mean token loss is the metric.
         config: the fine-tuning settings (method, LoRA, privacy unit, clipping, rows, micro-batch, warm-up,
@@ -68,8 +71,9 @@ class FinetuneTask:
     def __post_init__(self) -> None:
         for name in ("model_dir", "data", "eval_data"):
             object.__setattr__(self, name, str(getattr(self, name)))
-        if not Path(self.model_dir).is_dir():
-            raise ConfigError(f"{self.model_dir} is not a checkpoint folder: give the base model's folder")
+        if not (Path(self.model_dir).is_dir() or is_gguf(self.model_dir)):
+            raise ConfigError(f"{self.model_dir} is not a checkpoint folder or a GGUF file: give the base model's "
+                              "folder, or its llama.cpp .gguf file")
         for name in ("data", "eval_data"):
             if not Path(getattr(self, name)).is_file():
                 raise ConfigError(f"{getattr(self, name)} is not a file: give a JSONL of records")

@@ -40,7 +40,7 @@ from torch import nn
 from tramontane.errors import CheckpointError, ConfigError
 from tramontane.files import fsync_path  # noqa: F401 - re-exported: the old import path keeps working
 from tramontane.models.args import DEFAULT_ROPE_THETA, ModelArgs, MoeArgs
-from tramontane.models.gguf import GGUFFile, is_gguf
+from tramontane.models.gguf import is_gguf, open_gguf
 from tramontane.models.quant import (
     QuantConfig,
     QuantizedEmbedding,
@@ -106,8 +106,8 @@ def load_model(
     path = Path(path)
     fmt = detect_format(path, format)
     wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
-    if fmt == "gguf":  # one parse of the file for both its metadata and its tensors
-        gguf_file = GGUFFile(path)
+    if fmt == "gguf":  # one parse of the file for its metadata and tensors, load_args' if it kept one
+        gguf_file = open_gguf(path, keep=False)
         args = gguf_file.args()
         return _assemble(gguf_file.state_dict(args, dtype=dtype, device=device), args, wanted), args
     kind = detect_kind(path, fmt)
@@ -269,7 +269,7 @@ def load_args(path: str | Path, *, format: Format | None = None) -> ModelArgs:
     path = Path(path)
     fmt = detect_format(path, format)
     if fmt == "gguf":
-        return GGUFFile(path).args()
+        return open_gguf(path).args()
     if fmt == "consolidated":
         args = ModelArgs.load(path / "params.json")
         if args.extra.get("quantization"):  # ours loads (models.quant's layout); any other scheme is refused
@@ -297,7 +297,7 @@ def read_state_dict(
     path = Path(path)
     fmt = detect_format(path, format)
     if fmt == "gguf":
-        return GGUFFile(path).state_dict(args, dtype=dtype, device=device)
+        return open_gguf(path).state_dict(args, dtype=dtype, device=device)
     if "quantization" in args.extra:
         raise CheckpointError(f"{path} holds a quantized checkpoint (models.quant's layout): load it with "
                               "load_model, which rebuilds its quantized layers")

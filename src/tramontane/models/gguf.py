@@ -33,6 +33,10 @@ It is read with the `gguf` package, llama.cpp's own reader (`pip install 'tramon
   its folder).
 
 Names, shapes and ggml types are checked before any tensor data is dequantized.
+
+Parsing a file reads its whole metadata, the vocabulary included (seconds for a 131k-token tekken vocabulary).
+`open_gguf` keeps the last file it parsed while that file is unchanged, so `load_args` then `load_model` on one
+file (a fine-tuning run, a trial of a search) parse it once; `load_model` lets the parse go.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ class GGUFFile:
     """One GGUF file, its metadata parsed and its tensors memory-mapped (read when `state_dict` asks).
 
     Parsing reads every metadata entry, the file's vocabulary included (seconds for a 131k-token tekken
-    vocabulary), so open a file once and ask it both `args()` and `state_dict()`.
+    vocabulary), so open a file once and ask it both `args()` and `state_dict()` (`open_gguf` does that
+    across calls).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -293,6 +298,30 @@ class GGUFFile:
                 ) from None
 
 
+_OPENED: dict[tuple[str, int, int, int, int], GGUFFile] = {}  # at most one: the last file open_gguf parsed
+
+
+def open_gguf(path: str | Path, *, keep: bool = True) -> GGUFFile:
+    """`GGUFFile(path)`, parsed once while the file is unchanged (same resolved path, device, inode, size and
+    modification time). With `keep` the parse is kept for the next call (one file at most: opening another
+    lets the previous one go); `keep=False` returns it and lets it go, as `load_model` does, so that a loaded
+    model does not hold the file's memory map and metadata (tens of MB for a large vocabulary) as well.
+    Nothing read from a `GGUFFile` is modified (`state_dict` copies what it returns): sharing one is safe."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return GGUFFile(path)  # raises the reader's error for the missing file
+    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    opened = _OPENED.pop(key, None)
+    _OPENED.clear()  # any other file's parse is let go before this one is read
+    if opened is None:
+        opened = GGUFFile(path)
+    if keep:
+        _OPENED[key] = opened
+    return opened
+
+
 def _plan(args: ModelArgs, in_file: Mapping[str, object]) -> dict[str, _Slot]:
     """GGUF name -> `_Slot`, with the shapes llama.cpp's llama architecture gives each tensor for `args`."""
     dim, vocab, hidden = args.dim, args.vocab_size, args.hidden_dim
@@ -355,4 +384,4 @@ def _version(package: ModuleType) -> str:
         return "unknown version"
 
 
-__all__ = ["ARCHITECTURE", "MAGIC", "GGUFFile", "is_gguf"]
+__all__ = ["ARCHITECTURE", "MAGIC", "GGUFFile", "is_gguf", "open_gguf"]
