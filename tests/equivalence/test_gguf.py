@@ -19,20 +19,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import MistralForCausalLM, MixtralForCausalLM
 
 from tramontane.generation import SamplingParams, generate
 from tramontane.models.checkpoint import detect_format, load_model
 from tramontane.models.gguf import GGUFFile
 from tramontane.models.quant import QuantizedLinear, quantize_model
 
+from tests.hf_tiny import COMMON as HF_COMMON
+from tests.hf_tiny import tiny_causal_lm
 from tests.gguf_files import Q, benchmark_convert, gguf_tensors, hf_state_as_stored, write_gguf
 
 SEQ = 20
 EXACT = 1e-4
-COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              intermediate_size=128, vocab_size=128, initializer_range=0.1, rms_norm_eps=1e-5,
-              max_position_embeddings=4096)
+COMMON = {**HF_COMMON, "max_position_embeddings": 4096}
 # Measured on these models (max |logit| about 3.3): F16 file in float16 0.0064, F16 in float32 0.0029, Q8_0
 # 0.080, Q4_0 0.99. The bounds leave about 2x.
 F16_BOUND = 0.015
@@ -40,19 +40,7 @@ Q8_0_BOUND = 0.16
 
 
 def _hf_model(kind: str, **config: object) -> MistralForCausalLM | MixtralForCausalLM:
-    torch.manual_seed({"mistral": 0, "mixtral": 1, "mistral_tied": 2}[kind])
-    if kind == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
-                                                 sliding_window=None, **config))
-    else:
-        model = MistralForCausalLM(MistralConfig(**COMMON, rope_theta=1e4, tie_word_embeddings=kind == "mistral_tied",
-                                                 **{"sliding_window": None, **config}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-    model.set_attn_implementation("eager")
-    return model.eval()
+    return tiny_causal_lm(kind, max_position_embeddings=4096, **config)
 
 
 @pytest.fixture(scope="module")

@@ -27,29 +27,15 @@ from transformers import (
 from tramontane.models.checkpoint import args_to_hf_config, load_model, save_model
 from tramontane.models.transformer import Transformer
 
+from tests.hf_tiny import COMMON, KINDS, tiny_causal_lm
+
 WINDOW = 8
 SEQ = 20  # > WINDOW, so the sliding window changes the logits after position WINDOW
 ATOL = 1e-5
-COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              intermediate_size=128, vocab_size=128, initializer_range=0.1, rms_norm_eps=1e-5)
-KINDS = ("mistral", "mixtral", "mistral_tied")
 
 
 def _hf_model(kind: str) -> MistralForCausalLM | MixtralForCausalLM:
-    torch.manual_seed({"mistral": 0, "mixtral": 1, "mistral_tied": 2}[kind])
-    if kind == "mixtral":
-        config = MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
-        model = MixtralForCausalLM(config)
-    else:
-        config = MistralConfig(**COMMON, sliding_window=WINDOW, rope_theta=1e4,
-                               tie_word_embeddings=kind == "mistral_tied")
-        model = MistralForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-    model.set_attn_implementation("eager")
-    return model.eval()
+    return tiny_causal_lm(kind, sliding_window=WINDOW)
 
 
 @pytest.fixture(scope="module")
