@@ -314,6 +314,29 @@ def test_close_kills_a_running_command(sandbox: Sandbox) -> None:
         sandbox.run("true")
 
 
+def test_close_as_the_command_starts_still_kills_it(workspace: Path) -> None:
+    """close() may run before the command's process is known to the sandbox; the command must still die."""
+    for _ in range(5):
+        sb = Sandbox(workspace)
+        token = unique_sleep()
+        outcome: list[object] = []
+
+        def run(sb: Sandbox = sb, token: str = token) -> None:
+            try:
+                outcome.append(sb.run(f"sleep {token}"))
+            except SandboxUnavailableError as e:  # close() won the race before the command started
+                outcome.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        sb.close()
+        thread.join(timeout=10)
+        assert not thread.is_alive() and outcome
+        if isinstance(outcome[0], CommandResult):
+            assert outcome[0].exit_code is None and outcome[0].killed == "closed"
+        assert wait_gone(token) == []
+
+
 # ------------------------------------------------------------------------------------------------ unsafe mode
 
 

@@ -141,7 +141,7 @@ class CommandResult:
     """What one command did.
 
     `exit_code` is the shell's exit status (128+N when a signal N ended it), None when the sandbox killed the
-    tree; `killed` says why the tree died: "wall time" or "processes" (the sandbox killed it), "cpu time"
+    tree; `killed` says why the tree died: "wall time", "processes" or "closed" (the sandbox killed it), "cpu time"
     (the command's status says SIGXCPU), else None. `output` is stdout and stderr interleaved, decoded as
     UTF-8 with replacement characters; `seconds` the wall time from start to the end of its output.
     """
@@ -289,7 +289,7 @@ class Sandbox:
         if killed is None and code == 128 + signal.SIGXCPU:
             killed = "cpu time"
         self.cwd = self._next_cwd(trailer)
-        exit_code = None if killed in ("wall time", "processes") else code
+        exit_code = None if killed in ("wall time", "processes", "closed") else code
         logger.debug("sandbox command %r: exit %s, killed %s, %.3f s", command[:200], exit_code, killed,
                      seconds)
         return CommandResult(exit_code=exit_code, output=output, timed_out=killed == "wall time",
@@ -315,6 +315,9 @@ class Sandbox:
                 self._kill_tree(proc)
             elif killed is None and watchdog.over_limit(now):
                 killed = "processes"
+                self._kill_tree(proc)
+            elif killed is None and self._closed:  # close() ran before this command's process was known
+                killed = "closed"
                 self._kill_tree(proc)
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
@@ -352,12 +355,15 @@ class Sandbox:
     def _kill_tree(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL everything the command started.
 
-        Sandboxed: bwrap's init (the outer bwrap's child) first; when a pid namespace's init dies the kernel
+        Sandboxed: the outer bwrap stopped, then bwrap's init (its child) killed first; when a pid namespace's init dies the kernel
         kills every process in it and lets none fork, so nothing else needs finding. Unsandboxed: the
         session's process group and every live descendant or session member, again while a fork loop keeps
         adding some.
         """
         if not self.unsafe_no_sandbox:
+            # Stopped first, so that the list of its children is final: bwrap killed just as it clones its
+            # init would leave that init orphaned, in its own session, with its death signal not yet armed.
+            _stop(proc.pid)
             table = _process_table()
             for pid in [*(pid for pid, row in table.items() if row[0] == proc.pid), proc.pid]:
                 _kill(pid)
@@ -484,6 +490,24 @@ def _kill(pid: int, *, group: bool = False) -> None:
         (os.killpg if group else os.kill)(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
+
+
+def _stop(pid: int, seconds: float = 1.0) -> None:
+    """SIGSTOP `pid` and wait (at most `seconds`) until it is stopped or gone: it forks nothing more."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return
+        if stat[stat.rindex(b")") + 2:][:1] in (b"T", b"t", b"Z", b"X"):
+            return
+        time.sleep(0.001)
 
 
 def _shell_script(limits: SandboxLimits, trailer_fd: int, *, sandboxed: bool) -> str:
