@@ -117,18 +117,46 @@ def test_a_marginal_set_survives_its_json_round_trip():
 # -- adaptive selection (AIM's rounds over the model's samples) ------------------------------------------
 
 def test_planned_rounds_spend_exactly_the_share_in_zcdp():
-    for eps, rounds, sel in ((1.0, 30, 0.1), (10.0, 5, 0.25), (3.0, 0, 0.1)):
-        b = M.plan_budget(eps, 1e-5, 0.3, 15, rounds, sel)
+    for eps, rounds, sel, weight in ((1.0, 30, 0.1, 1.0), (10.0, 5, 0.25, 1.0), (3.0, 0, 0.1, 1.0),
+                                     (1.0, 30, 0.1, 4.0), (3.0, 0, 0.1, 2.5)):
+        b = M.plan_budget(eps, 1e-5, 0.3, 15, rounds, sel, weight)
         rho = sum(e.count / (2 * e.noise_multiplier ** 2) if isinstance(e, GaussianEvent) else e.rho
                   for e in b.events())
         assert rho == pytest.approx(0.3 * accounting.budget_rho(eps, 1e-5), rel=1e-12)
         assert b.measurements == 15 + rounds
+        gaussians = [e for e in b.events() if isinstance(e, GaussianEvent)]
+        assert sum(e.count for e in gaussians) == 15 + rounds
+        if weight != 1.0:  # each 1-way measurement costs `weight` chosen ones: its noise std 1 / sqrt(weight)
+            assert gaussians[0].count == 15
+            assert b.one_way_sigma == pytest.approx(b.sigma / math.sqrt(weight), rel=1e-12)
         if rounds:  # each round's selection costs `sel` of the round
             select = b.selection_epsilon ** 2 / 8
             assert select / (select + 1 / (2 * b.sigma ** 2)) == pytest.approx(sel, rel=1e-12)
         # rho composes exactly under the rdp accountant: the events cost what one release of their rho does
         assert accounting.epsilon(b.events(), 1e-5, "rdp") == pytest.approx(
             accounting.epsilon_of_rho(0.3 * accounting.budget_rho(eps, 1e-5), 1e-5), rel=1e-9)
+
+
+def test_one_way_and_chosen_marginals_get_their_own_noise_and_ledger_events():
+    """A set with a cheaper noise on its 1-way marginals: each query's measured noise has its order's
+    standard deviation, its events are the plan's (two Gaussian releases, one selection event), and both
+    survive the JSON round trip."""
+    schema = Schema([ColumnSpec.categorical("a", list(range(40))), ColumnSpec.categorical("b", list(range(30)))])
+    rng = np.random.default_rng(5)
+    ids = np.stack([rng.integers(0, 40, 3000), rng.integers(0, 30, 3000)], axis=1)
+    groups = [np.arange(40), np.arange(30)]
+    budget = M.MarginalBudget(sigma=9.0, selection_epsilon=0.5, n_columns=2, rounds=1, one_way_sigma=3.0)
+    ms = M.MarginalSet([(0,), (1,), (0, 1)], groups, groups, sigma=9.0, total=3000.0, rounds=1,
+                       selection_epsilon=0.5, sigma_1=3.0)
+    assert ms.events() == budget.events()
+    assert [e.noise_multiplier for e in ms.events() if isinstance(e, GaussianEvent)] == [3.0, 9.0]
+    noise = SecureRandom(6, "test noise")
+    for query, std in (((0,), 3.0), ((1,), 3.0), ((0, 1), 9.0)):
+        exact = np.bincount(ms.cells(ids, query), minlength=ms.n_cells(query))
+        draws = np.concatenate([M.measure(ms, query, ids, noise) - exact for _ in range(40)])
+        assert np.std(draws) == pytest.approx(std, rel=0.05)
+    back = M.MarginalSet.from_dict(json.loads(json.dumps(ms.to_dict())))
+    assert back.sigma_1 == 3.0 and back.events() == ms.events()
 
 
 def test_exponential_mechanism_draws_the_softmax_of_its_qualities():
@@ -168,6 +196,21 @@ def test_adaptive_rounds_find_an_interaction_no_pair_shows_and_the_tilt_reproduc
     assert np.mean(out[:, 2] != out[:, 0] ^ out[:, 1]) < 0.03  # the pool itself: 0.5
     back = M.MarginalSet.from_dict(json.loads(json.dumps(ms.to_dict())))
     assert back.queries == ms.queries and back.events() == ms.events()
+
+
+def test_the_selection_rounds_cell_cache_gives_every_candidates_cells_past_its_memory_cap():
+    """The cache of the pool's cells the rounds reuse against `MarginalSet.cells`, the slow reference, with
+    a cap that holds only some candidates (the rest computed when asked for)."""
+    rng = np.random.default_rng(15)
+    schema = Schema([ColumnSpec.categorical(f"c{i}", list(range(k))) for i, k in enumerate((3, 300, 5, 2))])
+    pool = np.stack([rng.integers(0, spec.n_values, 1000) for spec in schema.columns], axis=1)
+    groups = [np.arange(spec.n_values) for spec in schema.columns]
+    ms = M.MarginalSet([], groups, groups, sigma=1.0, total=1000.0, groups_3=groups)
+    queries = [(0, 2), (1, 3), (0, 1, 2), (0, 2, 3)]  # 15, 600, 4500 and 30 cells
+    cache = M._CellCache(ms, pool, queries, max_bytes=1000 + 2000 + 2000)
+    assert [c.dtype for c in cache._cells] == [np.uint8, np.uint16, np.uint16]  # the fourth past the cap
+    for i, q in enumerate(queries):
+        np.testing.assert_array_equal(cache[i], ms.cells(pool, q))
 
 
 def test_adaptive_selection_is_blind_when_its_epsilon_is_tiny():

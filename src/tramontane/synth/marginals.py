@@ -12,8 +12,9 @@ module combines the two, AIM's way with the language model as the base distribut
 2. **Measure and select** (`select_adaptive`): every column's 1-way marginal, then a number of rounds that
    each draw one 2- or 3-way marginal by the exponential mechanism, where the calibrated model is furthest
    from the private rows, and measure it. Every measurement is a sensitivity-1 count vector (one row adds
-   one to one cell) with Gaussian noise of the same standard deviation: one `GaussianEvent(sigma, Q)` and
-   one `ExponentialMechanismEvent(epsilon, rounds)` on the ledger.
+   one to one cell) with Gaussian noise, the 1-way ones at their own standard deviation (they bound the
+   error of every higher-order marginal and are worth more of the budget): `GaussianEvent`s for the 1-way
+   and for the chosen marginals, and one `ExponentialMechanismEvent(epsilon, rounds)`, on the ledger.
 3. **Tilt** (post-processing, at every `sample`): weights exp(sum_q lambda_q[cell_q(row)]) over a pool of
    rows freshly sampled from the model, lambda the maximum a posteriori fit of the noisy marginals (the
    exponential-family change of the model's distribution that best explains the measurements; `fit_tilt`),
@@ -47,35 +48,53 @@ SELECTION_LABEL = "marginal selection"
 class MarginalBudget:
     """How a share of the budget is spent on marginals: every column's 1-way marginal, then `rounds` rounds
     that each choose one more marginal with the exponential mechanism at `selection_epsilon` and measure it;
-    every measurement is a sensitivity-1 count vector with Gaussian noise `sigma` per cell."""
+    every measurement is a sensitivity-1 count vector with Gaussian noise per cell, `one_way_sigma` for the
+    1-way marginals (0: `sigma` too) and `sigma` for the chosen ones."""
 
     sigma: float
     selection_epsilon: float
     n_columns: int
     rounds: int
+    one_way_sigma: float = 0.0
 
     @property
     def measurements(self) -> int:
         return self.n_columns + self.rounds
 
     def events(self) -> list[PrivacyEvent]:
-        out: list[PrivacyEvent] = [GaussianEvent(self.sigma, self.measurements, label=MARGINALS_LABEL)]
-        if self.rounds:
-            out.append(ExponentialMechanismEvent(self.selection_epsilon, self.rounds, label=SELECTION_LABEL))
-        return out
+        return _events(self.one_way_sigma or self.sigma, self.n_columns, self.sigma, self.rounds, self.rounds,
+                       self.selection_epsilon)
+
+
+def _events(sigma_1: float, one_way: int, sigma: float, others: int, rounds: int,
+            selection_epsilon: float) -> list[PrivacyEvent]:
+    """The ledger events of `one_way` 1-way measurements at noise std `sigma_1` and `others` more at
+    `sigma` (one Gaussian event where the two are equal), and of `rounds` choices by the exponential
+    mechanism at `selection_epsilon`."""
+    if sigma_1 == sigma:
+        out: list[PrivacyEvent] = [GaussianEvent(sigma, one_way + others, label=MARGINALS_LABEL)]
+    else:
+        out = [GaussianEvent(sigma_1, one_way, label=MARGINALS_LABEL)]
+        if others:
+            out.append(GaussianEvent(sigma, others, label=MARGINALS_LABEL))
+    if rounds:
+        out.append(ExponentialMechanismEvent(selection_epsilon, rounds, label=SELECTION_LABEL))
+    return out
 
 
 def plan_budget(epsilon: float, delta: float, share: float, n_columns: int, rounds: int,
-                selection_share: float = 0.1) -> MarginalBudget:
-    """Split `share` of the budget's rho (`accounting.budget_rho`): each measurement costs c = 1 / (2 sigma^2),
-    each round's selection `selection_share` of its round (epsilon_sel^2 / 8, the exponential mechanism's
-    zCDP cost), so d c + rounds c / (1 - selection_share) = share x rho (AIM's split of a round, McKenna et
-    al. 2022)."""
+                selection_share: float = 0.1, one_way_weight: float = 1.0) -> MarginalBudget:
+    """Split `share` of the budget's rho (`accounting.budget_rho`): each chosen measurement costs
+    c = 1 / (2 sigma^2), each 1-way one `one_way_weight` x c (noise std sigma / sqrt(one_way_weight)), each
+    round's selection `selection_share` of its round (epsilon_sel^2 / 8, the exponential mechanism's zCDP
+    cost), so d w c + rounds c / (1 - selection_share) = share x rho (AIM's split of a round, McKenna et al.
+    2022)."""
     rho = share * budget_rho(epsilon, delta)
-    per_measurement = rho / (n_columns + rounds / (1.0 - selection_share))
+    per_measurement = rho / (n_columns * one_way_weight + rounds / (1.0 - selection_share))
     selection_rho = per_measurement * selection_share / (1.0 - selection_share)
-    return MarginalBudget(math.sqrt(1.0 / (2.0 * per_measurement)), math.sqrt(8.0 * selection_rho) if rounds else 0.0,
-                          n_columns, rounds)
+    sigma = math.sqrt(1.0 / (2.0 * per_measurement))
+    return MarginalBudget(sigma, math.sqrt(8.0 * selection_rho) if rounds else 0.0, n_columns, rounds,
+                          sigma / math.sqrt(one_way_weight) if one_way_weight != 1.0 else 0.0)
 
 
 # -- grouping (post-processing of model samples) ---------------------------------------------------------
@@ -131,9 +150,10 @@ class MarginalSet:
 
     queries: column-index tuples (schema order); groups_1/2/3: per column, the group of each value id in
     1-way marginals, in pairs (coarser) and in triples (coarser still); counts: noisy cell counts per query
-    (row-major over the query's columns' groups); sigma: the noise std of every cell; total: the DP row
-    count the counts are compared with; rounds and selection_epsilon: how many queries were chosen by the
-    exponential mechanism on the private rows (`select_adaptive`), at which epsilon each (0: none).
+    (row-major over the query's columns' groups); sigma: the noise std of every cell of a 2- or 3-way
+    query, sigma_1 of a 1-way one (0: sigma too); total: the DP row count the counts are compared with;
+    rounds and selection_epsilon: how many queries were chosen by the exponential mechanism on the private
+    rows (`select_adaptive`), at which epsilon each (0: none).
     """
 
     queries: list[tuple[int, ...]]
@@ -145,6 +165,10 @@ class MarginalSet:
     groups_3: list[np.ndarray] = field(default_factory=list)
     rounds: int = 0
     selection_epsilon: float = 0.0
+    sigma_1: float = 0.0
+
+    def noise_std(self, query: tuple[int, ...]) -> float:
+        return (self.sigma_1 or self.sigma) if len(query) == 1 else self.sigma
 
     def grouping(self, query: tuple[int, ...]) -> list[np.ndarray]:
         g = (self.groups_1, self.groups_2, self.groups_3)[len(query) - 1]
@@ -165,17 +189,16 @@ class MarginalSet:
 
     def events(self) -> list[PrivacyEvent]:
         """What measuring (and choosing) these marginals spent, for the ledger."""
-        out: list[PrivacyEvent] = [GaussianEvent(self.sigma, len(self.queries), label=MARGINALS_LABEL)]
-        if self.rounds:
-            out.append(ExponentialMechanismEvent(self.selection_epsilon, self.rounds, label=SELECTION_LABEL))
-        return out
+        one_way = sum(len(q) == 1 for q in self.queries)
+        return _events(self.sigma_1 or self.sigma, one_way, self.sigma, len(self.queries) - one_way, self.rounds,
+                       self.selection_epsilon)
 
     def to_dict(self) -> dict[str, Any]:
         lists = lambda gs: [g.tolist() for g in gs]
         return {"queries": [list(q) for q in self.queries], "groups_1": lists(self.groups_1),
                 "groups_2": lists(self.groups_2), "groups_3": lists(self.groups_3), "sigma": self.sigma,
                 "total": self.total, "counts": [c.tolist() for c in self.counts], "rounds": self.rounds,
-                "selection_epsilon": self.selection_epsilon}
+                "selection_epsilon": self.selection_epsilon, "sigma_1": self.sigma_1}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MarginalSet:
@@ -183,18 +206,19 @@ class MarginalSet:
         return cls([tuple(q) for q in data["queries"]], arr(data["groups_1"], np.int64),
                    arr(data["groups_2"], np.int64), float(data["sigma"]), float(data["total"]),
                    arr(data["counts"], np.float64), arr(data.get("groups_3", []), np.int64),
-                   int(data.get("rounds", 0)), float(data.get("selection_epsilon", 0.0)))
+                   int(data.get("rounds", 0)), float(data.get("selection_epsilon", 0.0)),
+                   float(data.get("sigma_1", 0.0)))
 
 
 # -- measurement and selection (spend) --------------------------------------------------------------------
 
 def measure(marginals: MarginalSet, query: tuple[int, ...], private_ids: np.ndarray,
             noise: SecureRandom) -> np.ndarray:
-    """Noisy counts of one query's cells on the private rows: the Gaussian mechanism at `marginals.sigma`
-    (one of the releases `marginals.events()` records, which the caller puts on the ledger before anything
+    """Noisy counts of one query's cells on the private rows: the Gaussian mechanism at the query's
+    `marginals.noise_std` (one of the releases `marginals.events()` records, which the caller puts on the ledger before anything
     derived from them is released)."""
     exact = np.bincount(marginals.cells(private_ids, query), minlength=marginals.n_cells(query))
-    draw = noise.normal(torch.Size([len(exact)]), marginals.sigma, torch.device("cpu"), torch.float64)
+    draw = noise.normal(torch.Size([len(exact)]), marginals.noise_std(query), torch.device("cpu"), torch.float64)
     return exact.astype(np.float64) + draw.numpy()
 
 
@@ -210,15 +234,16 @@ def exponential_mechanism(quality: np.ndarray, epsilon: float, random: SecureRan
     return int(np.argmax(epsilon / (2.0 * sensitivity) * np.asarray(quality, dtype=np.float64) + gumbel))
 
 
-def _groupings(schema: Schema, sample_ids: np.ndarray, sigma: float, rows: float, max_groups: tuple[int, ...],
-               cell_noise_ratio: float) -> list[list[np.ndarray]]:
+def _groupings(schema: Schema, sample_ids: np.ndarray, sigmas: tuple[float, ...], rows: float,
+               max_groups: tuple[int, ...], cell_noise_ratio: float) -> list[list[np.ndarray]]:
     """Per order k = 1, 2, 3, every column's grouping for k-way marginals, from sampled rows (free): a group
-    holds at least `cell_noise_ratio` x sigma of the rows, to the k-th root, so a k-way cell of independent
-    columns holds about that much; at most max_groups[k - 1] groups."""
-    min_mass = min(1.0, cell_noise_ratio * sigma / max(rows, 1.0))
+    holds at least `cell_noise_ratio` x sigmas[k - 1] (the k-way marginals' noise std) of the rows, to the
+    k-th root, so a k-way cell of independent columns holds about that much; at most max_groups[k - 1]
+    groups."""
     return [[column_groups(sample_ids[:, j], spec.n_values, spec.is_numeric, cap, spec.missing_id,
-                           min_mass ** (1.0 / k)) for j, spec in enumerate(schema.columns)]
-            for k, cap in enumerate(max_groups, start=1)]
+                           min(1.0, cell_noise_ratio * sigma / max(rows, 1.0)) ** (1.0 / k))
+             for j, spec in enumerate(schema.columns)]
+            for k, (cap, sigma) in enumerate(zip(max_groups, sigmas), start=1)]
 
 
 def select_adaptive(schema: Schema, budget: MarginalBudget, pool_ids: np.ndarray, private_ids: np.ndarray,
@@ -234,10 +259,13 @@ def select_adaptive(schema: Schema, budget: MarginalBudget, pool_ids: np.ndarray
     ||x_r - m_r||_1 - sqrt(2 / pi) sigma n_r: x_r the private counts, m_r the model's, n_r its cells; one
     row changes it by at most 1 (sensitivity 1). Groupings are chosen from the pool (free).
     """
-    groups_1, groups_2, groups_3 = _groupings(schema, pool_ids, budget.sigma, rows, max_groups, cell_noise_ratio)
+    sigma_1 = budget.one_way_sigma or budget.sigma
+    groups_1, groups_2, groups_3 = _groupings(schema, pool_ids, (sigma_1, budget.sigma, budget.sigma), rows,
+                                              max_groups, cell_noise_ratio)
     d = len(schema)
     ms = MarginalSet([(j,) for j in range(d)], groups_1, groups_2, budget.sigma, float(rows),
-                     groups_3=groups_3, rounds=budget.rounds, selection_epsilon=budget.selection_epsilon)
+                     groups_3=groups_3, rounds=budget.rounds, selection_epsilon=budget.selection_epsilon,
+                     sigma_1=budget.one_way_sigma)
     noise = SecureRandom(noise_seed, "marginal noise")
     choice = SecureRandom(noise_seed, "marginal selection")
     ms.counts = [measure(ms, q, private_ids, noise) for q in ms.queries]
@@ -245,18 +273,44 @@ def select_adaptive(schema: Schema, budget: MarginalBudget, pool_ids: np.ndarray
     private = [np.bincount(ms.cells(private_ids, c), minlength=ms.n_cells(c)).astype(np.float64)
                for c in candidates]
     penalty = np.array([math.sqrt(2.0 / math.pi) * budget.sigma * ms.n_cells(c) for c in candidates])
+    pool_cells = _CellCache(ms, pool_ids, candidates) if budget.rounds else None
     tilt = fit_tilt(ms, pool_ids, iterations=iterations)
     for _ in range(budget.rounds):
+        assert pool_cells is not None
         logw = log_weights(ms, pool_ids, tilt)
         w = np.exp(logw - logw.max())
         w *= rows / w.sum()
-        error = np.array([np.abs(x - np.bincount(ms.cells(pool_ids, c), weights=w, minlength=len(x))).sum()
-                          for c, x in zip(candidates, private)])
+        error = np.array([np.abs(x - np.bincount(pool_cells[i], weights=w, minlength=len(x))).sum()
+                          for i, x in enumerate(private)])
         picked = candidates[exponential_mechanism(error - penalty, budget.selection_epsilon, choice)]
         ms.queries.append(picked)
         ms.counts.append(measure(ms, picked, private_ids, noise))
         tilt = fit_tilt(ms, pool_ids, iterations=iterations, init=[*tilt, np.zeros(ms.n_cells(picked))])
     return ms
+
+
+class _CellCache:
+    """Every candidate query's cell index of every pool row, computed once for all the selection rounds
+    (the rounds change only the weights), in the smallest integer type that holds the query's cells; past
+    `max_bytes` the remaining candidates' cells are computed again when asked for."""
+
+    def __init__(self, marginals: MarginalSet, pool_ids: np.ndarray, queries: list[tuple[int, ...]],
+                 max_bytes: int = 512 << 20) -> None:
+        self._marginals, self._pool_ids, self._queries = marginals, pool_ids, queries
+        self._cells: list[np.ndarray] = []
+        used = 0
+        for q in queries:
+            n = marginals.n_cells(q)
+            dtype = np.uint8 if n <= 1 << 8 else np.uint16 if n <= 1 << 16 else np.int64
+            used += len(pool_ids) * np.dtype(dtype).itemsize
+            if used > max_bytes:
+                break
+            self._cells.append(marginals.cells(pool_ids, q).astype(dtype))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i < len(self._cells):
+            return self._cells[i]
+        return self._marginals.cells(self._pool_ids, self._queries[i])
 
 
 # -- tilt (post-processing) -------------------------------------------------------------------------------
@@ -273,7 +327,7 @@ def fit_tilt(marginals: MarginalSet, pool_ids: np.ndarray, iterations: int = 100
     cells = np.stack([marginals.cells(pool_ids, q) + o for q, o in zip(marginals.queries, offsets)], axis=1)
     flat = torch.as_tensor(cells.reshape(-1))  # M*Q: every row's cell in every query, one flat index
     target = torch.as_tensor(np.concatenate(marginals.counts))
-    precision = 1.0 / marginals.sigma ** 2
+    precision = torch.as_tensor(np.repeat([1.0 / marginals.noise_std(q) ** 2 for q in marginals.queries], sizes))
     start = np.concatenate(init) if init else np.zeros(int(sum(sizes)))
     lam = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([lam], lr=1.0, max_iter=iterations, history_size=20,
@@ -284,7 +338,7 @@ def fit_tilt(marginals: MarginalSet, pool_ids: np.ndarray, iterations: int = 100
         optimizer.zero_grad()
         w = torch.softmax(lam[flat].view(-1, n_queries).sum(1), dim=0)
         p = torch.zeros_like(target).scatter_add(0, flat, w.repeat_interleave(n_queries))
-        loss = 0.5 * precision * ((total * p - target) ** 2).sum() + 0.5 * (lam ** 2).sum() / prior_std ** 2
+        loss = 0.5 * (precision * (total * p - target) ** 2).sum() + 0.5 * (lam ** 2).sum() / prior_std ** 2
         loss.backward()
         return loss
 

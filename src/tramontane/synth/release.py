@@ -103,12 +103,15 @@ MANIFEST: tuple[ReleasedField, ...] = tuple([
                                     "configuration)",
         "summary.marginal_rounds": "how many were chosen by the exponential mechanism (configuration)"}),
     *released_fields(MODEL_STATE, DP, _SCHEMA, {
-        "summary.marginal_sigma": "noise std of every marginal cell, set by the budget share (inputs) and the "
-                                  "column count (schema)"}),
+        "summary.marginal_sigma": "noise std of every 2- or 3-way marginal cell, set by the budget share "
+                                  "(inputs) and the column count (schema)",
+        "summary.marginal_one_way_sigma": "noise std of every 1-way marginal cell (0: marginal_sigma), set "
+                                          "the same way"}),
     *released_fields(MODEL_MARGINALS, PUBLIC, (), {
         "rounds": "how many marginals were chosen by the exponential mechanism (configuration)"}),
     *released_fields(MODEL_MARGINALS, DP, _SCHEMA, {
-        "sigma": "noise std of every cell (set by the budget share and the column count)",
+        "sigma": "noise std of every 2- or 3-way cell (set by the budget share and the column count)",
+        "sigma_1": "noise std of every 1-way cell (0: sigma), set the same way",
         "selection_epsilon": "epsilon of each choice (set by the budget share and the column count)"}),
     *released_fields(MODEL_MARGINALS, DP, _CHOSEN, {
         "queries[][]": "which columns and pairs were measured (each round's 2- or 3-way marginal chosen by the "

@@ -104,11 +104,13 @@ class SynthConfig:
     # Measured marginals that calibrate the model's samples (`marginals.py`): this share of the budget's
     # rho (`accounting.budget_rho`) buys every column's 1-way marginal and `marginal_rounds` more 2- or 3-way ones, each chosen by
     # the exponential mechanism (`selection_share` of its round) where the calibrated model is furthest off;
+    # every 1-way measurement costs `one_way_weight` times a chosen one (its noise std 1 / sqrt of that);
     # at most `marginal_groups` value groups per column in 1-way marginals, `pair_groups` in pairs,
     # `triple_groups` in triples; the tilt fitted on `pool_factor` x n model samples. 0 turns it off.
     marginal_share: float = 0.2
     marginal_rounds: int = 30
     selection_share: float = 0.1
+    one_way_weight: float = 1.0
     marginal_groups: int = 64
     pair_groups: int = 16
     triple_groups: int = 6
@@ -139,6 +141,9 @@ class SynthConfig:
         if isinstance(self.marginal_rounds, bool) or not isinstance(self.marginal_rounds, int) \
                 or self.marginal_rounds < 0:
             raise ConfigError(f"marginal_rounds must be a whole number >= 0, got {self.marginal_rounds!r}")
+        if isinstance(self.one_way_weight, bool) or not (isinstance(self.one_way_weight, (int, float))
+                                                         and 0 < self.one_way_weight <= 1000):
+            raise ConfigError(f"one_way_weight must be a number in (0, 1000], got {self.one_way_weight!r}")
         if not 0 < self.selection_share < 1:
             raise ConfigError(f"selection_share must be in (0, 1), got {self.selection_share!r}")
         if isinstance(self.pool_factor, bool) or not (isinstance(self.pool_factor, (int, float))
@@ -178,7 +183,8 @@ class FitSummary:
     schema_epsilon: float
     schema_delta: float
     schema_notes: list[str] = field(default_factory=list)
-    marginal_sigma: float = 0.0  # noise std of every measured marginal cell (0: none measured)
+    marginal_sigma: float = 0.0  # noise std of every measured 2- or 3-way marginal cell (0: none measured)
+    marginal_one_way_sigma: float = 0.0  # of every 1-way cell (0: marginal_sigma)
     marginal_queries: int = 0  # how many marginals were measured (ledger event "marginals")
     marginal_rounds: int = 0  # how many of them were chosen by the exponential mechanism
 
@@ -279,6 +285,7 @@ class _FitPlan:
     marginal_queries: int = 0
     marginal_rounds: int = 0  # of which chosen by the exponential mechanism, at this epsilon each
     selection_epsilon: float = 0.0
+    marginal_one_way_sigma: float = 0.0  # of the 1-way ones (0: marginal_sigma)
 
     @classmethod
     def read(cls, run_dir: Path) -> _FitPlan | None:
@@ -449,13 +456,13 @@ class Synthesizer:
                         inference.epsilon if inference else 0.0, inference.delta if inference else 0.0,
                         list(inference.notes) if inference else [], rows_dp, batch, q, sigma,
                         self.ledger.to_dict(), _fingerprint(schema, rows), budget.sigma, budget.measurements,
-                        budget.rounds, budget.selection_epsilon)
+                        budget.rounds, budget.selection_epsilon, budget.one_way_sigma)
         return schema, rows, plan
 
     def _marginal_budget(self, n_columns: int) -> marginals.MarginalBudget:
         c = self.config
         return marginals.plan_budget(self.epsilon, self.delta, c.marginal_share, n_columns, c.marginal_rounds,
-                                     c.selection_share)
+                                     c.selection_share, c.one_way_weight)
 
     def _settings(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "config": asdict(self.config), "seed": self.seed,
@@ -575,7 +582,8 @@ class Synthesizer:
             epsilon_pld=spent.epsilon_pld, delta=self.delta, schema_source=plan.schema_source,
             schema_epsilon=plan.schema_epsilon, schema_delta=plan.schema_delta,
             schema_notes=list(plan.schema_notes), marginal_sigma=plan.marginal_sigma,
-            marginal_queries=plan.marginal_queries, marginal_rounds=plan.marginal_rounds)
+            marginal_queries=plan.marginal_queries, marginal_rounds=plan.marginal_rounds,
+            marginal_one_way_sigma=plan.marginal_one_way_sigma)
         self.diagnostics = FitDiagnostics(rows_given=len(df), rows_used=len(rows), heldout_curve=result.history,
                                           seconds=time.perf_counter() - start)
         if spent.epsilon > self.epsilon * (1 + 1e-9):
@@ -598,7 +606,7 @@ class Synthesizer:
             rng = numpy_rng(self.seed, "marginal pool")
             pool = self._model_ids(max(1000, int(c.pool_factor * plan.rows_dp)), rng)
             budget = marginals.MarginalBudget(plan.marginal_sigma, plan.selection_epsilon,
-                                              len(schema), plan.marginal_rounds)
+                                              len(schema), plan.marginal_rounds, plan.marginal_one_way_sigma)
             noise_seed = derived_seed(self.noise_seed, "marginals")
             ms = marginals.select_adaptive(schema, budget, pool, vids, plan.rows_dp, noise_seed,
                                            (c.marginal_groups, c.pair_groups, c.triple_groups))
