@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -82,6 +83,24 @@ def test_ledger_spends_exactly_the_budget_and_survives_save_load(fitted: Synthes
     loaded = Synthesizer.load(path)
     assert loaded.ledger == fitted.ledger
     pd.testing.assert_frame_equal(loaded.sample(200, seed=9), fitted.sample(200, seed=9))
+
+
+def test_a_separate_one_way_noise_is_two_gaussian_events_that_still_spend_exactly_the_budget(data,
+                                                                                         tmp_path: Path) -> None:
+    train, _ = data
+    schema = adult_schema().select(COLUMNS)
+    config = dataclasses.replace(_small_config(steps=3), one_way_weight=4.0, marginal_rounds=3)
+    synth = Synthesizer(schema, epsilon=4.0, delta=1e-5, config=config, seed=0).fit(train)
+    one_way, chosen, selection = synth.ledger.events[2:]
+    assert [one_way, chosen, selection] == synth.marginals.events()
+    assert (one_way.count, chosen.count, selection.count) == (len(COLUMNS), 3, 3)
+    # each 1-way measurement bought at 4 times a chosen one's zCDP cost: half its noise std
+    assert one_way.noise_multiplier == pytest.approx(chosen.noise_multiplier / 2, rel=1e-12)
+    assert synth.summary.marginal_one_way_sigma == one_way.noise_multiplier
+    eps = accounting.epsilon(synth.ledger, 1e-5, synth.config.accountant)
+    assert eps <= 4.0 and eps == pytest.approx(4.0, rel=1e-3)
+    loaded = Synthesizer.load(synth.save(tmp_path / "synth"))
+    assert loaded.ledger == synth.ledger and loaded.marginals.events() == synth.marginals.events()
 
 
 def test_dp_schema_inference_is_charged_to_the_ledger(data) -> None:
