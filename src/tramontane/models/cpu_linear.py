@@ -117,7 +117,15 @@ def _seconds(fn: Any, inputs: list[torch.Tensor]) -> float:
 
 def _packable(linear: nn.Module) -> bool:
     return (type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype in DTYPES
-            and (linear.bias is None or linear.bias.dtype == linear.weight.dtype) and _available())
+            and (linear.bias is None or linear.bias.dtype == linear.weight.dtype) and _available()
+            and (linear.weight.dtype != torch.bfloat16 or _bf16_supported()))
+
+
+def _bf16_supported() -> bool:
+    """Whether oneDNN packs bfloat16 weights on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an
+    AVX2-only CPU refuses): bfloat16 layers stay plain `nn.Linear` where it does not."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
 
 
 @torch.no_grad()

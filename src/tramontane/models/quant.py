@@ -183,15 +183,19 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.contiguous().clone()
 
 
-def _unpack_int4_cpu_kernel_layout(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Values 0..15 [rows, cols] from `_convert_weight_to_int4pack_for_cpu`'s AVX-512 packing: blocks of 64
-    rows, column-major inside a block, byte d of column k holding rows d (low) and d + 32 (high); a tail of
-    fewer than 64 rows is one block whose byte d holds rows 2d (low) and 2d + 1 (high). The caller checks the
-    result against the kernel's own packing (other vector widths pack otherwise)."""
-    full = rows // 64 * 64
+INT4_KERNEL_BLOCKS = (64, 32)  # the rows of one block of torch's int4 CPU packing: AVX-512, AVX2
+
+
+def _unpack_int4_cpu_kernel_layout(packed: torch.Tensor, rows: int, cols: int, block_rows: int) -> torch.Tensor:
+    """Values 0..15 [rows, cols] from `_convert_weight_to_int4pack_for_cpu`'s packing: blocks of
+    `block_rows` rows (64 where torch's kernel uses AVX-512, 32 with AVX2), column-major inside a block, byte
+    d of column k holding rows d (low) and d + block_rows / 2 (high); a tail of fewer rows is one block whose
+    byte d holds rows 2d (low) and 2d + 1 (high). The caller checks the result against the kernel's own
+    packing."""
+    full = rows // block_rows * block_rows
     parts = []
     if full:
-        block = packed[:full].reshape(full // 64, cols, 32)  # blocks, column, byte
+        block = packed[:full].reshape(full // block_rows, cols, block_rows // 2)  # blocks, column, byte
         both = torch.cat([block & 15, block >> 4], dim=2)  # blocks, column, row in block
         parts.append(both.permute(0, 2, 1).reshape(full, cols))
     tail = rows - full
@@ -329,6 +333,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("scales_and_zeros", None, persistent=False)
+        self.kernel_block_rows: int | None = None  # the packing's block rows, once it replaces `qweight`
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
@@ -349,8 +354,9 @@ class Int4Linear(QuantizedLinear):
         """The quantized values 0..15 [out, in] (uint8), from whichever layout the layer holds."""
         if self.qweight is not None:
             return unpack_nibbles(self.qweight)
-        assert self.packed is not None
-        return _unpack_int4_cpu_kernel_layout(self.packed, self.out_features, self.in_features)
+        assert self.packed is not None and self.kernel_block_rows is not None
+        return _unpack_int4_cpu_kernel_layout(self.packed, self.out_features, self.in_features,
+                                              self.kernel_block_rows)
 
     def pack_for_kernel(self) -> None:
         """Repack the weight for torch's CPU kernel (no-op off CPU, when packed, or when not eligible). The
@@ -360,17 +366,19 @@ class Int4Linear(QuantizedLinear):
         q = self.values()
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
-        if torch.equal(_unpack_int4_cpu_kernel_layout(self.packed, self.out_features, self.in_features), q):
-            self.qweight = None
-        else:
-            logger.debug("int4 kernel packing not recognised; keeping the portable copy of the weight")
+        for block_rows in INT4_KERNEL_BLOCKS:
+            if torch.equal(_unpack_int4_cpu_kernel_layout(self.packed, self.out_features, self.in_features,
+                                                          block_rows), q):
+                self.qweight, self.kernel_block_rows = None, block_rows
+                return
+        logger.debug("int4 kernel packing not recognised; keeping the portable copy of the weight")
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
         # The kernel packing is CPU-only: moving to another device goes back to the portable layout first.
         if self.packed is not None and fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
             if self.qweight is None:
                 self.qweight = pack_nibbles(self.values())
-            self.packed = self.scales_and_zeros = None
+            self.packed = self.scales_and_zeros = self.kernel_block_rows = None
         super()._apply(fn, recurse)
         return self
 
