@@ -141,9 +141,10 @@ class CommandResult:
     """What one command did.
 
     `exit_code` is the shell's exit status (128+N when a signal N ended it), None when the sandbox killed the
-    tree; `killed` says why the tree died: "wall time", "processes" or "closed" (the sandbox killed it), "cpu time"
-    (the command's status says SIGXCPU), else None. `output` is stdout and stderr interleaved, decoded as
-    UTF-8 with replacement characters; `seconds` the wall time from start to the end of its output.
+    tree; `killed` says why the tree died: "wall time", "processes" or "closed" (the sandbox killed it),
+    "cpu time" (the command's status says SIGXCPU), else None. `output` is stdout and stderr interleaved,
+    decoded as UTF-8 with replacement characters; `seconds` the wall time from start to the end of its
+    output.
     """
 
     exit_code: int | None
@@ -355,10 +356,10 @@ class Sandbox:
     def _kill_tree(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL everything the command started.
 
-        Sandboxed: the outer bwrap stopped, then bwrap's init (its child) killed first; when a pid namespace's init dies the kernel
-        kills every process in it and lets none fork, so nothing else needs finding. Unsandboxed: the
-        session's process group and every live descendant or session member, again while a fork loop keeps
-        adding some.
+        Sandboxed: the outer bwrap stopped, then bwrap's init (its child) killed first; when a pid
+        namespace's init dies the kernel kills every process in it and lets none fork, so nothing else needs
+        finding. Unsandboxed: the session's process group and every live descendant or session member, again
+        while a fork loop keeps adding some.
         """
         if not self.unsafe_no_sandbox:
             # Stopped first, so that the list of its children is final: bwrap killed just as it clones its

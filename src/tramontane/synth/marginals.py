@@ -12,9 +12,9 @@ module combines the two, AIM's way with the language model as the base distribut
 2. **Measure and select** (`select_adaptive`): every column's 1-way marginal, then a number of rounds that
    each draw one 2- or 3-way marginal by the exponential mechanism, where the calibrated model is furthest
    from the private rows, and measure it. Every measurement is a sensitivity-1 count vector (one row adds
-   one to one cell) with Gaussian noise, the 1-way ones at their own standard deviation (they bound the
-   error of every higher-order marginal and are worth more of the budget): `GaussianEvent`s for the 1-way
-   and for the chosen marginals, and one `ExponentialMechanismEvent(epsilon, rounds)`, on the ledger.
+   one to one cell) with Gaussian noise, the 1-way ones optionally at a smaller standard deviation of their
+   own (`plan_budget`'s `one_way_weight`): `GaussianEvent`s for the 1-way and for the chosen marginals (one
+   where the noises are equal) and one `ExponentialMechanismEvent(epsilon, rounds)` on the ledger.
 3. **Tilt** (post-processing, at every `sample`): weights exp(sum_q lambda_q[cell_q(row)]) over a pool of
    rows freshly sampled from the model, lambda the maximum a posteriori fit of the noisy marginals (the
    exponential-family change of the model's distribution that best explains the measurements; `fit_tilt`),
@@ -215,10 +215,11 @@ class MarginalSet:
 def measure(marginals: MarginalSet, query: tuple[int, ...], private_ids: np.ndarray,
             noise: SecureRandom) -> np.ndarray:
     """Noisy counts of one query's cells on the private rows: the Gaussian mechanism at the query's
-    `marginals.noise_std` (one of the releases `marginals.events()` records, which the caller puts on the ledger before anything
-    derived from them is released)."""
+    `marginals.noise_std` (one of the releases `marginals.events()` records, which the caller puts on the
+    ledger before anything derived from them is released)."""
     exact = np.bincount(marginals.cells(private_ids, query), minlength=marginals.n_cells(query))
-    draw = noise.normal(torch.Size([len(exact)]), marginals.noise_std(query), torch.device("cpu"), torch.float64)
+    draw = noise.normal(torch.Size([len(exact)]), marginals.noise_std(query), torch.device("cpu"),
+                        torch.float64)
     return exact.astype(np.float64) + draw.numpy()
 
 
