@@ -169,7 +169,10 @@ def test_ctrl_c_says_what_was_spent(data: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "tramontane.cli", "synth", "fit", "--data", str(data),
                              "--epsilon", "50", "--steps", "100000", "--accountant", "rdp", "--out-model",
                              str(model)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # Ctrl-C's default action in the child whatever the test process inherited or
+                            # set: Python raises KeyboardInterrupt only for a SIGINT it did not start ignoring
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         line = ""
