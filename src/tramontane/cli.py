@@ -88,11 +88,13 @@ def _base_quantize_options(p: argparse.ArgumentParser) -> None:
                         "channel, int4 in groups) and train float32 LoRA adapters over it (--method lora); the "
                         "adapter also loads over the float base")
     p.add_argument("--quant-group-size", type=int, default=None, help="int4 group size (default 64)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the frozen output head and the token embeddings (with --quantize)")
 
 
 def _quantize(args: argparse.Namespace) -> QuantConfig | None:
     """The --quantize options as a `QuantConfig` (None without --quantize)."""
-    head = getattr(args, "quantize_head", False)  # generate, chat, serve; not the base of a fine-tuning run
+    head = getattr(args, "quantize_head", False)
     if args.quantize is None:
         if args.quant_group_size is not None or head:
             raise TramontaneError("--quant-group-size and --quantize-head need --quantize int8|int4")
@@ -754,7 +756,8 @@ def cmd_plan_search(args: argparse.Namespace) -> int:
         method=args.method, lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
                                             dropout=args.lora_dropout, targets=targets),
         base_dtype=args.base_dtype, quantize=quant.mode if quant else None,
-        quant_group_size=quant.group_size if quant else None, private=False, delta=args.delta,
+        quant_group_size=quant.group_size if quant else None, quantize_head=bool(quant and quant.output),
+        private=False, delta=args.delta,
         accountant=args.accountant,
         privacy_unit=args.privacy_unit, max_examples_per_user=args.max_examples_per_user,
         max_grad_norm=args.max_grad_norm, max_len=args.max_len, packing=args.packing,
@@ -1450,7 +1453,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         method=args.method, lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
                                             dropout=args.lora_dropout, targets=targets),
         base_dtype=args.base_dtype, quantize=quant.mode if quant else None,
-        quant_group_size=quant.group_size if quant else None, private=not args.non_private, epsilon=args.epsilon,
+        quant_group_size=quant.group_size if quant else None, quantize_head=bool(quant and quant.output),
+        private=not args.non_private, epsilon=args.epsilon,
         delta=None if args.non_private else args.delta, privacy_unit=args.privacy_unit,
         max_examples_per_user=args.max_examples_per_user, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,

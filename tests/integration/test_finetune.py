@@ -331,21 +331,26 @@ def test_a_resumed_int8_run_requantizes_and_ends_with_the_uninterrupted_adapter(
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("quantize, group, strategy", [("int8", None, "ghost"), ("int8", None, "materialize"),
-                                                       ("int4", 32, "auto")])
+@pytest.mark.parametrize("quantize, group, strategy, head", [
+    ("int8", None, "ghost", False), ("int8", None, "materialize", False), ("int4", 32, "auto", False),
+    ("int8", None, "ghost", True), ("int4", 32, "auto", True)])
 def test_per_example_clipping_over_a_quantized_base_is_the_one_example_at_a_time_loop(
-        tmp_path: Path, quantize: str, group: int | None, strategy: str) -> None:
+        tmp_path: Path, quantize: str, group: int | None, strategy: str, head: bool) -> None:
+    """head: the output head and the embeddings are quantized too (`quantize_head`), so every gradient reaches
+    the adapters through the dequantized head."""
     from tramontane.dp import DPEngine
     from tramontane.errors import TramontaneWarning
     from tramontane.finetune.lora import lora_modules
     from tramontane.finetune.run import load_base
-    from tramontane.models.quant import QuantizedLinear
+    from tramontane.models.quant import QuantizedEmbedding, QuantizedLinear
 
     save_model(random_model(tiny_args(dim=32, head_dim=8), seed=4), tmp_path / "tiny")  # vocabulary of 97
-    model = load_base(tmp_path / "tiny", _qconfig(quantize=quantize, quant_group_size=group,
+    model = load_base(tmp_path / "tiny", _qconfig(quantize=quantize, quant_group_size=group, quantize_head=head,
                                                   lora=LoraConfig(rank=3, alpha=6, targets=("all",))), lora_seed=1)
     model.train()  # as the trainer runs it: the quantized layers dequantize, in the batch and alone alike
     assert all(isinstance(lora.base, QuantizedLinear) for lora in lora_modules(model).values())
+    assert isinstance(model.output, QuantizedLinear) == head
+    assert isinstance(model.tok_embeddings, QuantizedEmbedding) == head
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # a non-zero B, so that every adapter weight has a gradient
         for lora in lora_modules(model).values():
@@ -390,17 +395,21 @@ def test_cli_finetune_over_an_int4_base_writes_an_adapter_both_bases_load(
     out = tmp_path / "run"
     assert main(["finetune", "--model", str(model_dir), "--data", str(small_data), "--out", str(out),
                  "--epsilon", "8", "--delta", "1e-5", "--steps", "2", "--batch-size", "6", "--max-len", "48",
-                 "--lora-rank", "4", "--seed", "5", "--quantize", "int4", "--quant-group-size", "32"]) == 0
+                 "--lora-rank", "4", "--seed", "5", "--quantize", "int4", "--quant-group-size", "32",
+                 "--quantize-head"]) == 0
     adapter = out / "adapter"
     record = read_privacy(adapter)
     assert record is not None and sum(e.steps for e in record["ledger"].events) == 2
     release = json.loads((out / "report" / "release" / "report.json").read_text())
-    assert (release["config"]["quantize"], release["config"]["quant_group_size"]) == ("int4", 32)
+    assert [release["config"][k] for k in ("quantize", "quant_group_size", "quantize_head")] == ["int4", 32, True]
     saved = load_file(adapter / "adapter_model.safetensors")
     assert any(float(t.abs().max()) > 0 for k, t in saved.items() if "lora_B" in k)  # trained: B is off zero
-    # the adapter loads over the float base and over the int4 base it was trained on, the same weights in both
+    # the adapter loads over the float base and over the int4 base it was trained on (head and embeddings
+    # quantized too), the same weights in both
     on_float, _ = load_model_with_adapter(model_dir, adapter)
-    on_int4, _ = load_model_with_adapter(model_dir, adapter, quantize=QuantConfig("int4", 32))
+    on_int4, _ = load_model_with_adapter(model_dir, adapter,
+                                         quantize=QuantConfig("int4", 32, embeddings=True, output=True))
+    assert isinstance(on_int4.output, Int4Linear) and isinstance(on_float.output, torch.nn.Linear)
     float_adapters, int4_adapters = lora_modules(on_float), lora_modules(on_int4)
     assert float_adapters.keys() == int4_adapters.keys() and len(float_adapters) == 8
     for name, lora in int4_adapters.items():
@@ -408,13 +417,14 @@ def test_cli_finetune_over_an_int4_base_writes_an_adapter_both_bases_load(
         assert torch.equal(lora.lora_B.weight, float_adapters[name].lora_B.weight)
     capsys.readouterr()
     assert main(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--quantize", "int4",
-                 "--quant-group-size", "32", "--prompt", "Hi", "--max-tokens", "3", "--json"]) == 0
+                 "--quant-group-size", "32", "--quantize-head", "--prompt", "Hi", "--max-tokens", "3",
+                 "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 3
 
 
 def test_full_finetuning_of_a_quantized_base_is_refused(model_dir: Path, small_data: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from tramontane.finetune.run import load_base
+    from tramontane.finetune.run import _resolve_base_quantization, load_base
     from tramontane.models.checkpoint import load_model
     from tramontane.models.quant import quantize_model
 
@@ -424,6 +434,11 @@ def test_full_finetuning_of_a_quantized_base_is_refused(model_dir: Path, small_d
         _qconfig(quant_group_size=32)
     with pytest.raises(ConfigError, match="int8 quantization is per output channel"):
         _qconfig(quantize="int8", quant_group_size=32)
+    with pytest.raises(ConfigError, match="quantize_head.*needs quantize"):
+        _qconfig(quantize_head=True)
+    assert main(["finetune", "--model", str(model_dir), "--data", str(small_data), "--out", str(tmp_path / "c"),
+                 "--epsilon", "8", "--delta", "1e-5", "--quantize-head"]) == 2
+    assert "--quantize-head need" in capsys.readouterr().err
     assert _qconfig(quantize="int4").quant_group_size == 64  # the default, recorded as used
     assert main(["finetune", "--model", str(model_dir), "--data", str(small_data), "--out", str(tmp_path / "a"),
                  "--epsilon", "8", "--method", "full", "--quantize", "int8"]) == 2
@@ -437,6 +452,8 @@ def test_full_finetuning_of_a_quantized_base_is_refused(model_dir: Path, small_d
     save_model(quantize_model(load_model(model_dir)[0], "int8"), quantized)
     with pytest.raises(ConfigError, match="quantized checkpoint"):
         load_base(quantized, _qconfig(method="full"))
+    with pytest.raises(ConfigError, match="saved with a float output head"):  # its head was not quantized
+        _resolve_base_quantization(quantized, _qconfig(quantize="int8", quantize_head=True))
 
 
 def test_a_checkpoint_saved_quantized_is_the_base_the_report_records(model_dir: Path, small_data: Path,
@@ -461,4 +478,19 @@ def test_a_checkpoint_saved_quantized_is_the_base_the_report_records(model_dir: 
         assert not (tmp_path / "refused").exists()
     for name, config in (("as-saved", _qconfig()), ("same-scheme", _qconfig(quantize="int4", quant_group_size=32))):
         result = finetune(quantized, small_data, tmp_path / name, config)
-        assert (result.release["config"]["quantize"], result.release["config"]["quant_group_size"]) == ("int4", 32)
+        assert [result.release["config"][k] for k in ("quantize", "quant_group_size", "quantize_head")] == [
+            "int4", 32, True]
+
+
+def test_plan_searchs_command_repeats_the_quantized_base(model_dir: Path, small_data: Path) -> None:
+    """The `tramontane finetune` options `plan search` prints for a quantized base parse back to the same base."""
+    from tramontane.cli import _quantize, build_parser
+    from tramontane.finetune.search import finetune_arguments
+    from tramontane.models.quant import QuantConfig
+
+    for config in (_qconfig(quantize="int4", quant_group_size=32, quantize_head=True), _qconfig(quantize="int8")):
+        options = finetune_arguments(config)
+        args = build_parser().parse_args(["finetune", "--model", str(model_dir), "--data", str(small_data),
+                                          "--out", "x", *options])
+        assert _quantize(args) == config.quant_config
+    assert config.quant_config == QuantConfig("int8")

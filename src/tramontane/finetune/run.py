@@ -30,11 +30,12 @@ Released and not (`RUN/report/release/report.json` lists each field with its sta
   perplexity, the membership attack on training vs held-out examples, counts of records, units, dropped and
   truncated examples, the checkpoints and the canary secrets. None of these is covered by DP.
 
-QLoRA-style (Dettmers et al. 2023, "QLoRA: efficient finetuning of quantized LLMs", with tramontane's int8 /
-int4 weight-only schemes in place of NF4): with `quantize="int8" | "int4"` the frozen base's decoder linear
-layers are quantized (`models.quant`, as `tramontane generate --quantize` does) before the adapters wrap
-them, so the base holds 1 or ~0.56 byte per weight. Each adapted layer is then the quantized layer's output
-(its weight dequantized in training) plus the float32 adapter's. Clipping, noise and the ledger are the same
+QLoRA-style (Dettmers et al. 2023, "QLoRA: efficient finetuning of quantized LLMs", with tramontane's int8 / int4
+weight-only schemes in place of NF4): with `quantize="int8" | "int4"` the frozen base's decoder linear layers are
+quantized (`models.quant`, as `tramontane generate --quantize` does) before the adapters wrap them, so the base
+holds 1 or ~0.56 byte per weight; `quantize_head` quantizes the output head and the token embeddings the same way
+(the head is often the largest frozen matrix of a small model). Each adapted layer is then the quantized layer's
+output (its weight dequantized in training) plus the float32 adapter's. Clipping, noise and the ledger are the same
 as over the float base: the quantized layers hold no parameters, and the plan does not depend on them.
 
 The base is a checkpoint folder (consolidated or Hugging Face) or a llama.cpp GGUF file (`models.gguf`: its
@@ -104,13 +105,15 @@ class FinetuneConfig:
     privacy units (None: the TAN rule picks it for `steps`, at noise multiplier `noise_multiplier_guess`).
     `quantize` ("int8" or "int4", LoRA only) trains the adapters over a weight-only quantized base (see the
     module docstring); `quant_group_size` is int4's group of input columns, recorded as the value used (64
-    unless given, as for `tramontane generate`)."""
+    unless given, as for `tramontane generate`); `quantize_head` quantizes the output head and the token
+    embeddings too (the gradient reaches the adapters through the dequantized head)."""
 
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     base_dtype: str | None = None  # "bfloat16": keep the frozen base in bf16, adapters in fp32 (LoRA only)
     quantize: str | None = None  # "int8" | "int4": the frozen base weight-only quantized (LoRA only)
     quant_group_size: int | None = None  # int4 only; None: models.quant's default (64)
+    quantize_head: bool = False  # with quantize: the output head and the token embeddings as well
     private: bool = True
     epsilon: float | None = None
     delta: float | None = None
@@ -152,6 +155,9 @@ class FinetuneConfig:
         if self.quantize is None:
             if self.quant_group_size is not None:
                 raise ConfigError("quant_group_size is the int4 group size: it needs quantize='int4'")
+            if self.quantize_head:
+                raise ConfigError("quantize_head quantizes the output head and embeddings with the base's scheme: "
+                                  "it needs quantize='int8' or 'int4'")
         else:
             if self.method != "lora":
                 raise ConfigError(f"quantize={self.quantize!r} freezes the base's weights in {self.quantize}, "
@@ -190,7 +196,10 @@ class FinetuneConfig:
     @property
     def quant_config(self) -> QuantConfig | None:
         """The base's quantization scheme (None: a float base)."""
-        return QuantConfig(self.quantize, self.quant_group_size) if self.quantize is not None else None
+        if self.quantize is None:
+            return None
+        return QuantConfig(self.quantize, self.quant_group_size, embeddings=self.quantize_head,
+                           output=self.quantize_head)
 
     @property
     def learning_rate(self) -> float:
@@ -384,7 +393,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-ADDED_SETTING_DEFAULTS: dict[str, Any] = {"quantize": None, "quant_group_size": None}  # FinetuneConfig's
+# FinetuneConfig's settings added since the first release: a run set up before them had their defaults
+ADDED_SETTING_DEFAULTS: dict[str, Any] = {"quantize": None, "quant_group_size": None, "quantize_head": False}
 
 
 def _setup(run_dir: Path, config: FinetuneConfig, data_path: Path, resume: bool) -> dict[str, Any]:
@@ -452,10 +462,11 @@ def _resolve_base_quantization(model_dir: Path, config: FinetuneConfig) -> None:
     """Settle, before the run writes anything, how the base is quantized, so the report and a resume record
     the base the adapters were really trained over.
 
-    A checkpoint saved quantized (`models.quant`'s layout) is the base as it was saved: `config.quantize` and
-    `quant_group_size` take its scheme (a different one asked for is refused: re-quantize the float
-    checkpoint instead). A float checkpoint with `config.quantize` is checked on a meta-device skeleton (no
-    weight read) for layer sizes the scheme cannot take, e.g. an int4 group size that does not divide them."""
+    A checkpoint saved quantized (`models.quant`'s layout) is the base as it was saved: `config.quantize`,
+    `quant_group_size` and `quantize_head` (true if its head or its embeddings are quantized) take its scheme
+    (a different one asked for is refused: re-quantize the float checkpoint instead). A float checkpoint with
+    `config.quantize` is checked on a meta-device skeleton (no weight read) for layer sizes the scheme cannot
+    take, e.g. an int4 group size that does not divide them."""
     args = load_args(model_dir)
     if "quantization" in args.extra:
         saved = QuantConfig.from_params(args.extra["quantization"], str(model_dir / "params.json"))
@@ -469,7 +480,12 @@ def _resolve_base_quantization(model_dir: Path, config: FinetuneConfig) -> None:
                               + (f", group size {saved.group_size}" if saved.group_size else "")
                               + f"), not as quantize={config.quantize!r} asks: leave --quantize out to train "
                               "over the checkpoint as saved, or quantize the float checkpoint it was made from")
-        config.quantize, config.quant_group_size = saved.mode, saved.group_size
+        saved_head = saved.output or saved.embeddings
+        if config.quantize_head and not saved_head:
+            raise ConfigError(f"{model_dir} was saved with a float output head and embeddings, not quantized as "
+                              "quantize_head asks: leave --quantize-head out, or quantize the float checkpoint "
+                              "it was made from")
+        config.quantize, config.quant_group_size, config.quantize_head = saved.mode, saved.group_size, saved_head
         return
     quant = config.quant_config
     if quant is None:

@@ -148,6 +148,8 @@ def finetune_arguments(config: FinetuneConfig) -> list[str]:
             args += ["--quantize", config.quantize]
             if config.quant_group_size is not None:
                 args += ["--quant-group-size", str(config.quant_group_size)]
+            if config.quantize_head:
+                args += ["--quantize-head"]
     if config.privacy_unit == "user":
         args += ["--max-examples-per-user", str(config.max_examples_per_user)]
     return args
