@@ -10,7 +10,9 @@ the other formats round differently and report how many leading tokens agree wit
 
 tramontane int8 / int4 are the bfloat16 model with every linear layer quantized, output head included (and the
 embedding table, which decoding reads one row of), as llama.cpp's Q8_0 / Q4_0 files quantize every 2-D weight;
-int4 uses groups of 64 (0.5625 byte/weight, the size of Q4_0). "Bytes/token" is the size of the weights one
+int4 uses groups of 64 (0.5625 byte/weight, the size of Q4_0). tramontane w8a8 is the float32 model with the
+same int8 weights run with dynamically quantized int8 activations (fbgemm; what llama.cpp's Q8_0 dot product
+does with its activations too). "Bytes/token" is the size of the weights one
 decoded token reads (everything but the embedding table, plus one of its rows; the KV cache, < 10 MB here, is
 left out); "GB/s" is bytes/token times decode tokens/s.
 
@@ -56,8 +58,9 @@ CONFIG = {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12,
           "head_dim": 64, "intermediate_size": 2560, "vocab_size": 32000, "sliding_window": 4096,
           "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
           "tie_word_embeddings": False}
-TRAMONTANE = {"fp32": (None, None), "bf16": ("bfloat16", None), "int8": ("bfloat16", ("int8", None)),
-              "int4": ("bfloat16", ("int4", 64))}
+# variant -> (model dtype, (mode, int4 group size, activations) or None)
+TRAMONTANE = {"fp32": (None, None), "bf16": ("bfloat16", None), "int8": ("bfloat16", ("int8", None, "float")),
+              "int4": ("bfloat16", ("int4", 64, "float")), "w8a8": (None, ("int8", None, "int8"))}
 # the float variants without `prepack_for_inference` (every linear layer through F.linear), as before it
 UNPACKED = ("fp32", "bf16")
 TRANSFORMERS = ("fp32", "bf16")
@@ -98,6 +101,8 @@ def decode_bytes(module) -> int:
         packed = getattr(layer, "packed", None)
         if isinstance(packed, torch.Tensor):
             total += packed.numel() * packed.element_size()
+        if getattr(layer, "fbgemm", None) is not None:  # W8A8: int8 [out, in] in fbgemm's packing
+            total += layer.out_features * layer.in_features
     return total
 
 
@@ -114,7 +119,8 @@ def run_engine(engine: str, variant: str, directory: Path, prompt_len: int, new_
         from tramontane.models.quant import QuantConfig
 
         dtype, quant = TRAMONTANE[variant]
-        config = None if quant is None else QuantConfig(quant[0], quant[1], embeddings=True, output=True)
+        config = None if quant is None else QuantConfig(quant[0], quant[1], embeddings=True, output=True,
+                                                        activations=quant[2])
         model, _ = load_model(directory, dtype=dtype, quantize=config)
         model.eval()
         if not unpacked:  # as `tramontane generate` and `serve` load it
@@ -357,6 +363,8 @@ def main() -> None:
         "bf16_vs_llamacpp_f16": _ratio(get("tramontane bf16"), get("llama.cpp F16")),
         "int8_vs_llamacpp_q8_0": _ratio(get("tramontane int8"), get("llama.cpp Q8_0")),
         "int4_vs_llamacpp_q4_0": _ratio(get("tramontane int4"), get("llama.cpp Q4_0")),
+        "w8a8_decode_speedup_vs_hf_fp32": _ratio(get("tramontane w8a8"), hf),
+        "w8a8_vs_llamacpp_q8_0": _ratio(get("tramontane w8a8"), get("llama.cpp Q8_0")),
         "bf16_decode_speedup_vs_hf_bf16": _ratio(get("tramontane bf16"), get("transformers bf16")),
         "prepack_decode_speedup": {v: _ratio(get(f"tramontane {v}"), get(f"tramontane {v} unpacked"))
                                    for v in UNPACKED},

@@ -17,6 +17,7 @@ from tramontane.cli import main
 from tramontane.generation import SamplingParams, generate
 from tramontane.models.checkpoint import load_model, save_model
 from tramontane.models.cpu_linear import prepack_for_inference
+from tramontane.models.quant import HAS_DYNAMIC_INT8, QuantConfig
 from tramontane.tokenizer import Tokenizer
 
 from tests.conftest import random_model, tiny_args
@@ -130,14 +131,19 @@ def test_two_tokenizer_files_names_the_folder_not_a_python_call(
     assert "--model" in line and not any(hint in line for hint in PYTHON_HINTS), line
 
 
-def test_generate_with_int8_weights_is_the_quantized_library_model(model_dir: Path,
+@pytest.mark.parametrize("option", ["int8", pytest.param("w8a8", marks=pytest.mark.skipif(
+    not HAS_DYNAMIC_INT8, reason="torch's fbgemm quantized engine is missing"))])
+def test_generate_with_int8_weights_is_the_quantized_library_model(model_dir: Path, option: str,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--quantize int8 (weight-only) and w8a8 (the same weights, dynamic int8 activations)."""
     assert main(["generate", "--model", str(model_dir), "--prompt", "The wind from the north",
-                 "--max-tokens", "6", "--json", "--quantize", "int8"]) == 0
+                 "--max-tokens", "6", "--json", "--quantize", option]) == 0
     out = json.loads(capsys.readouterr().out)
     tokenizer = Tokenizer.from_model_dir(model_dir)
-    model, _ = load_model(model_dir, quantize="int8")
+    model, _ = load_model(model_dir, quantize=QuantConfig("int8", activations="int8" if option == "w8a8"
+                                                          else "float"))
     assert type(model.layers[0].attention.wq).__name__ == "Int8Linear"
+    assert (model.layers[0].attention.wq.fbgemm is not None) == (option == "w8a8")
     # as the CLI loads it: in eval mode (the int8 kernel; load_model leaves a quantized float checkpoint in
     # train mode), the head packed for oneDNN where that was timed faster (this process's same choice)
     prepack_for_inference(model)
@@ -147,3 +153,6 @@ def test_generate_with_int8_weights_is_the_quantized_library_model(model_dir: Pa
     assert out["logprobs"] == pytest.approx(expected.logprobs, abs=1e-5)
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--quant-group-size", "32"]) == 2
     assert "--quantize" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--quantize", option,
+                 "--quant-group-size", "32"]) == 2
+    assert "applies to --quantize int4" in capsys.readouterr().err

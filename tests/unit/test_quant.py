@@ -18,6 +18,7 @@ from tramontane.generation import SamplingParams, generate
 from tramontane.models import ModelArgs, Transformer
 from tramontane.models.checkpoint import load_args, load_model, save_model
 from tramontane.models.quant import (
+    HAS_DYNAMIC_INT8,
     Int4Linear,
     Int8Linear,
     QuantConfig,
@@ -175,6 +176,57 @@ def test_int4_kernel_packing_drops_the_portable_copy_and_round_trips():
         assert torch.equal(again(x), q(x))
 
 
+W8A8 = QuantConfig("int8", activations="int8")
+needs_fbgemm = pytest.mark.skipif(not HAS_DYNAMIC_INT8, reason="torch's fbgemm quantized engine is missing")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows, wide", [(1, None), (6, None), (6, 2), (40, 0)])
+def test_w8a8_error_is_that_of_quantizing_each_row_alone(rows, wide):
+    """Dynamic int8 activations: each output is within the error that quantizing its own row (affine, 0..127)
+    can cause, twice over for the bucketing, even when another row of the call has a 100x wider range
+    (quantizing the call as one tensor would give the other rows a 50x coarser step and fail this bound)."""
+    layer = linear(96, 128)
+    q = Int8Linear.from_float(layer, dynamic_activations=True).eval()
+    assert q.qweight is None and q.fbgemm is not None  # the weight is held in fbgemm's packing only
+    w = plain_int8_dequant(q.values(), q.scales)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    if wide is not None:
+        x[wide] *= 100
+    with torch.no_grad():
+        out = q(x)
+    exact = x.double() @ w.double().T
+    span = x.amax(1).clamp_min(0) - x.amin(1).clamp_max(0)
+    step = 2 * span.double() / 127  # each row's step: at most twice its own range over 127 levels
+    bound = step[:, None] * w.double().abs().sum(1)[None, :]  # |error per value| <= one step (rounding, clamp)
+    err = (out.double() - exact).abs()
+    assert bool((err <= bound + 1e-4).all()), float((err / bound).max())
+    assert float(err.max()) > 0  # the activations were quantized: not the weight-only result
+
+
+@needs_fbgemm
+def test_w8a8_layer_state_dict_and_devices():
+    layer = linear(48, 64)
+    weight_only, w8a8 = Int8Linear.from_float(layer), Int8Linear.from_float(layer, dynamic_activations=True)
+    state = w8a8.state_dict()
+    assert set(state) == {"qweight", "scales"} and torch.equal(state["qweight"], weight_only.qweight)
+    again = Int8Linear(64, 48, dynamic_activations=True)
+    again.load_state_dict(state)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert again.fbgemm is not None and torch.equal(again.eval()(x), w8a8.eval()(x))
+        torch.testing.assert_close(copy.deepcopy(w8a8)(x), w8a8(x), rtol=0, atol=0)
+        moved = copy.deepcopy(w8a8).to("meta")  # off CPU: back to the plain int8 layout, weight-only
+        assert moved.fbgemm is None and moved.qweight is not None and moved.qweight.is_meta
+    # training and inputs that need a gradient run weight-only (dequantized), as for int8
+    x.requires_grad_(True)
+    torch.testing.assert_close(w8a8.train()(x), x @ weight_only.dequantize().T, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="need int8 weights"):
+        QuantConfig("int4", 32, activations="int8")
+    with pytest.raises(ConfigError, match="activations must be one of"):
+        QuantConfig("int8", activations="int4")
+
+
 def test_quantized_linear_follows_dtype_and_needs_no_grad():
     q = Int8Linear.from_float(linear(32, 64))
     x = torch.randn(2, 64, dtype=torch.bfloat16)
@@ -245,13 +297,18 @@ def test_quantize_model_refusals():
 # int4 (groups of 32) 0.995-0.999; max |logit error| / std(logits) bf16 <= 0.030, int8 <= 0.005,
 # int4 <= 0.022. On the harsher `random_model` (every weight N(0, 0.08): small margins, no residual carrier)
 # the RMS logit error / std(logits) measured bf16 0.010, int8 0.016, int4 (32) 0.20.
+# W8A8 (int8 weights, dynamic int8 activations) measured agreement 0.996-1.000 and max error / std 0.004-0.006.
 GATES = {"bf16": (0.99, 0.05), "int8": (0.99, 0.01), "int4": (0.95, 0.05)}  # agreement >=, max err/std <=
+if HAS_DYNAMIC_INT8:
+    GATES["w8a8"] = (0.99, 0.01)
 
 
 def _variant(model: Transformer, mode: str) -> Transformer:
     model = copy.deepcopy(model)
     if mode == "bf16":
         return model.to(torch.bfloat16)
+    if mode == "w8a8":
+        return quantize_model(model, W8A8)
     return quantize_model(model, mode, group_size=32 if mode == "int4" else None)
 
 
@@ -278,7 +335,9 @@ def test_logit_error_on_a_harsh_random_model():
     prompts = prompt_set(97, n=16)
     with torch.no_grad():
         ref = base(prompts)
-        for mode, bound in (("bf16", 0.03), ("int8", 0.04), ("int4", 0.4)):
+        for mode, bound in (("bf16", 0.03), ("int8", 0.04), ("int4", 0.4), ("w8a8", 0.06)):
+            if mode not in GATES:
+                continue
             out = _variant(base, mode)(prompts).float()
             assert float((out - ref).pow(2).mean().sqrt() / ref.std()) <= bound, mode
 
@@ -301,7 +360,7 @@ def test_quantized_embeddings_and_head():
             torch.testing.assert_close(model(prompts), plain(prompts), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", pytest.param("w8a8", marks=needs_fbgemm)])
 def test_generation_in_bf16_and_quantized(mode):
     base = residual_model(tiny_args(sliding_window=None))
     model = _variant(base, mode)
@@ -362,6 +421,18 @@ def test_load_model_quantizes_a_float_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="already quantized"):
         load_model(tmp_path / "q", quantize="int8")
     load_model(tmp_path / "q", quantize=QuantConfig("int4", 32))  # the same scheme is fine
+    if HAS_DYNAMIC_INT8:  # an int8 checkpoint runs weight-only as saved, or W8A8 when asked
+        save_model(quantize_model(copy.deepcopy(base), "int8"), tmp_path / "q8")
+        w8a8, args = load_model(tmp_path / "q8", quantize=W8A8)
+        assert quantization_config(w8a8) == W8A8 and args.extra["quantization"]["activations"] == "int8"
+        assert w8a8.layers[0].attention.wq.fbgemm is not None
+        with torch.no_grad():
+            torch.testing.assert_close(w8a8(prompts), load_model(tmp_path / "q8")[0](prompts), rtol=0.05,
+                                       atol=0.05)
+        save_model(w8a8, tmp_path / "w8a8")  # the same tensors, the activations recorded
+        assert load_file(tmp_path / "w8a8" / "consolidated.safetensors").keys() == load_file(
+            tmp_path / "q8" / "consolidated.safetensors").keys()
+        assert quantization_config(load_model(tmp_path / "w8a8")[0]) == W8A8
     with pytest.raises(ConfigError, match="consolidated format only"):
         save_model(model, tmp_path / "hf", format="hf")
 

@@ -100,7 +100,8 @@ def load_model(
     float32 for a block-quantized file, whose Q8_0 / Q4_K / ... weights are dequantized at load, not run
     natively). `quantize` ("int8", "int4" or a `models.quant.QuantConfig`) quantizes the decoder's linear
     layers after loading a float or GGUF checkpoint; a checkpoint saved quantized (see `models.quant`) loads
-    as it was saved, and `quantize`, if given, must describe the same scheme. Raises `CheckpointError` for
+    as it was saved, and `quantize`, if given, must describe the same stored weights (it may choose other
+    `activations`: an int8 checkpoint runs weight-only or W8A8). Raises `CheckpointError` for
     missing/ambiguous/corrupt files or tensors that do not match the config, `ConfigError` for a bad config.
     """
     path = Path(path)
@@ -118,10 +119,12 @@ def load_model(
     args = load_args(path, format=fmt)
     if "quantization" in args.extra:
         saved = QuantConfig.from_params(args.extra["quantization"])
-        if wanted is not None and wanted != saved:
+        if wanted is not None and not wanted.same_weights(saved):
             raise ConfigError(f"{path} is already quantized ({saved}); load it without quantize=, or quantize "
                               "the float checkpoint it was made from")
-        return _load_quantized(path, args, saved, dtype, device).eval(), args
+        if wanted is not None:  # the same weights, run with the activations asked for
+            args.extra["quantization"] = wanted.to_params()
+        return _load_quantized(path, args, wanted or saved, dtype, device).eval(), args
     state = read_state_dict(path, args, format=fmt, dtype=dtype, device=device)
     return _assemble(state, args, wanted), args
 
