@@ -99,7 +99,8 @@ def decode_bytes(module) -> int:
         total += size // tensor.shape[0] if embedding else size
     for layer in module.modules():  # packed weights are neither parameters nor buffers
         packed = getattr(layer, "packed", None)
-        if isinstance(packed, torch.Tensor):
+        # the int4 layers' packing is a buffer, counted above; oneDNN's packed weights have no data pointer
+        if isinstance(packed, torch.Tensor) and not any(packed is b for b in layer.buffers(recurse=False)):
             total += packed.numel() * packed.element_size()
         if getattr(layer, "fbgemm", None) is not None:  # W8A8: int8 [out, in] in fbgemm's packing
             total += layer.out_features * layer.in_features
