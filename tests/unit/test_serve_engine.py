@@ -28,6 +28,7 @@ from tramontane.errors import (
 from tramontane.generation import SamplingParams, generate
 from tramontane.models import Transformer
 from tramontane.models.cpu_linear import prepack_for_inference
+from tramontane.models.quant import HAS_DYNAMIC_INT8, QuantConfig, quantize_model
 from tramontane.serve import engine as engine_module
 from tramontane.serve.engine import Engine, EngineConfig, EngineRequest, RequestStream, TokenEvent
 
@@ -125,6 +126,23 @@ def test_a_packed_model_serves_the_plain_models_greedy_tokens(engines) -> None:
     engine = engines(packed)
     streams = [engine.submit(EngineRequest(prompt, max_tokens=10)) for prompt in prompts]
     assert [_tokens(_collect(stream)) for stream in streams] == expected
+
+
+@pytest.mark.skipif(not HAS_DYNAMIC_INT8, reason="torch's fbgemm quantized engine is missing")
+def test_a_w8a8_model_is_batch_invariant(engines) -> None:
+    """int8 weights with dynamic int8 activations (`serve --quantize w8a8`): each row's activations are
+    quantized on their own grid, so requests served together, in chunks and decode batches, give exactly the
+    tokens and logprobs of `generate()` on each prompt alone."""
+    model = quantize_model(random_model(tiny_args(), seed=21), QuantConfig("int8", output=True, activations="int8"))
+    model.eval()
+    prompts = _prompts([5, 9, 14, 3], seed=4)
+    expected = [generate(model, [p], SamplingParams(max_tokens=10, logprobs=True))[0] for p in prompts]
+    engine = engines(model)
+    streams = [engine.submit(EngineRequest(prompt, max_tokens=10, logprobs=0)) for prompt in prompts]
+    for stream, want in zip(streams, expected):
+        events = _collect(stream)
+        assert _tokens(events) == want.tokens
+        assert [e.logprob for e in events] == want.logprobs
 
 
 def test_top_logprobs_are_the_best_alternatives_sorted(engines, model) -> None:

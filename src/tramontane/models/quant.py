@@ -29,16 +29,17 @@ gradient, the backward dequantizes the weight again rather than keeping the forw
 round the activations to bfloat16 (their only fast input type), so a float32 model's decode steps differ from
 its prefill by about bfloat16 precision.
 
-W8A8 (`QuantConfig(activations="int8")`, `--quantize w8a8` on the command line): the same int8 weights, run on
-CPU by fbgemm's dynamic quantized linear (`quantized::linear_dynamic`), which quantizes the activations to
-int8 on the fly and multiplies in integers, for every row count (prefill too). It exists because torch's
+W8A8 (`QuantConfig(activations="int8")`, `--quantize w8a8` on the command line): the same int8 weights, run on CPU
+by fbgemm's dynamic quantized linear (`quantized::linear_dynamic`), which quantizes the activations to int8 on the
+fly and multiplies in integers, for every row count (prefill too). Each row is quantized on a grid fixed by its own
+largest value (`_dynamic_int8_linear`), so results do not depend on the batch. It exists because torch's
 weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC one decode row through it cost about what the
-float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128 rows (the 32768-row head 2.6x at one
-row). Activations lose precision too (7 bits per call, a scale per group of rows of similar range): on the
-random checkpoints of the suite the top-1 agreement with float32 stays at the int8 gate, but checkpoints with
-outlier activation channels (large LLMs, as LLM.int8() and SmoothQuant describe) can lose more than that;
-weight-only int8 is the default for that reason. Off CPU, in training, or when the input needs a gradient the
-layer runs weight-only.
+float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128 rows (the 32768-row head 2.6x at one row).
+Activations lose precision too (7 bits, over a range up to 1.41x the row's largest value): on the random
+checkpoints of the suite the top-1 agreement with float32 stays at the int8 gate, but checkpoints with outlier
+activation channels (large LLMs, as LLM.int8() and SmoothQuant describe) can lose more than that; weight-only int8
+is the default for that reason. Off CPU, in training, or when the input needs a gradient the layer runs
+weight-only.
 
 On-disk layout (`models.checkpoint.save_model` of a quantized model; consolidated format only):
 params.json carries the model's usual keys plus
@@ -58,6 +59,7 @@ packing depends on the CPU's vector width, so it is never written: loading repac
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -407,28 +409,43 @@ class Int8Linear(QuantizedLinear):
         return super().extra_repr() + (", activations=int8" if self.dynamic_activations else "")
 
 
+_SQRT2_UP = 1.4142136573791504  # the least float32 >= sqrt(2): R grid values stay exact in float32
+_SENTINEL_UNITS: dict[int, torch.Tensor] = {}  # in_features -> [[1, 0, ...], [-1, 0, ...]] (never written to)
+
+
+def _activation_bound(a: float) -> float:
+    """The least value of the grid {2^k, 1.4142137 * 2^k} that is >= a (a >= 0): at most sqrt(2) a (for a > 0),
+    exactly representable in float32."""
+    mantissa, exponent = math.frexp(a)  # a = mantissa * 2^exponent, mantissa in [0.5, 1) (0 for a = 0)
+    if mantissa == 0.5:  # a power of two
+        return a
+    low = math.ldexp(_SQRT2_UP, exponent - 1)
+    return low if a <= low else math.ldexp(1.0, exponent)
+
+
 def _dynamic_int8_linear(x: torch.Tensor, packed: Any, out_features: int) -> torch.Tensor:
-    """x [..., in] times fbgemm's packed int8 weight, the activations quantized on the fly: affine uint8 with
-    fbgemm's reduced range (0..127, so that its AVX2 kernel's pairwise int16 sums cannot saturate), one scale
-    and zero point per call, float32 output. Rows whose value ranges differ by more than a factor of two go
-    in separate calls (rows bucketed by the power of two of their range), so one row with a wide range (the
-    first token's massive activations in real checkpoints) does not coarsen every other row's step: each row's
-    step is at most twice what quantizing it alone would give."""
+    """x [..., in] times fbgemm's packed int8 weight, the activations quantized on the fly (affine uint8 with
+    fbgemm's reduced range 0..127, so that its AVX2 kernel's pairwise int16 sums cannot saturate), float32
+    output. Each row's quantization depends on that row alone, so a row's result does not depend on the batch
+    it is in (serving's batch invariance): a row whose largest |value| is a is quantized over [-R, R], R the
+    least value >= a of a grid of half powers of two (`_activation_bound`). fbgemm takes its scale from the
+    call's minimum and maximum, so the rows of each R go in one call with two sentinel rows holding R and -R
+    (their outputs dropped). The step, 2R / 127, is at most 2 sqrt(2) a / 127: for a row of roughly symmetric
+    values about 1.4x what quantizing it over its own range would give."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    if rows.shape[0] == 1:
-        out = torch.ops.quantized.linear_dynamic(rows, packed, True)
+    bounds = [_activation_bound(a) for a in rows.abs().amax(1).tolist()]
+    unit = _SENTINEL_UNITS.get(rows.shape[1])
+    if unit is None:
+        unit = _SENTINEL_UNITS[rows.shape[1]] = torch.zeros(2, rows.shape[1])
+        unit[0, 0], unit[1, 0] = 1.0, -1.0
+    if len(set(bounds)) == 1:  # decoding one sequence, or rows alike
+        out = torch.ops.quantized.linear_dynamic(torch.cat([rows, unit * bounds[0]]), packed, True)[:-2]
     else:
-        # the range fbgemm quantizes over always includes zero
-        span = rows.amax(1).clamp_min(0) - rows.amin(1).clamp_max(0)
-        level = torch.frexp(span)[1]  # the power of two of each row's range
-        levels = level.unique()
-        if len(levels) == 1:
-            out = torch.ops.quantized.linear_dynamic(rows, packed, True)
-        else:
-            out = rows.new_empty(rows.shape[0], out_features)
-            for value in levels:
-                index = (level == value).nonzero().squeeze(1)
-                out[index] = torch.ops.quantized.linear_dynamic(rows[index], packed, True)
+        out = rows.new_empty(rows.shape[0], out_features)
+        for bound in set(bounds):
+            index = torch.tensor([i for i, b in enumerate(bounds) if b == bound])
+            part = torch.cat([rows.index_select(0, index), unit * bound])
+            out.index_copy_(0, index, torch.ops.quantized.linear_dynamic(part, packed, True)[:-2])
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -708,6 +725,7 @@ def _divisors_hint(n: int) -> str:
 
 __all__ = [
     "ACTIVATIONS", "DEFAULT_GROUP_SIZE", "HAS_DYNAMIC_INT8", "MODES", "QUANT_FORMAT", "Int4Linear", "Int8Linear",
-    "QuantConfig", "QuantizedEmbedding", "QuantizedLinear", "decoder_linear_names", "dequantize_int4", "dequantize_int8", "pack_nibbles",
-    "quantization_config", "quantize_int4", "quantize_int8", "quantize_model", "unpack_nibbles",
+    "QuantConfig", "QuantizedEmbedding", "QuantizedLinear", "decoder_linear_names", "dequantize_int4",
+    "dequantize_int8", "pack_nibbles", "quantization_config", "quantize_int4", "quantize_int8", "quantize_model",
+    "unpack_nibbles",
 ]
