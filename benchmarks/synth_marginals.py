@@ -5,8 +5,10 @@ measured after it, from the trained model's samples. This script fits the defaul
 (or reuses a saved fit), then for each variant measures the marginals again with other settings on the same
 private rows, samples as many rows as the table, and scores them as `benchmarks/synth.py` does (mean 1/2/3-way
 TVD under the schema's bins and 10 real-train quantile bins, HistGradientBoosting ROC AUC on the real test
-split). Variants that change the budget split (`share`, `one_way_weight`, `rounds`) keep the model trained
-under the default split: they measure the marginals' side of the trade only.
+split), with the held-out NLL per row of the real test rows under the model at the variant's sampling
+temperature. Variants that change the budget split (`share`, `one_way_weight`, `rounds`) keep the model trained
+under the default split: they measure the marginals' side of the trade only. `temperature` and `pool_factor`
+change how the pool is drawn (and the final sample, as `SynthConfig`'s fields of those names do).
 
 Every variant re-spends the marginals' budget on the same rows, so this is a benchmark on public data, not
 a private workflow. Ends with one JSON line: per variant its scores and its 3-way TVD against the first
@@ -22,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synth as bench  # noqa: E402  (benchmarks/synth.py: the tables and the scorer)
 
 KNOBS = {"share": float, "rounds": int, "one_way_weight": float, "groups_1": int, "groups_2": int,
-         "groups_3": int}
+         "groups_3": int, "temperature": float, "pool_factor": float}
 
 
 def parse_variant(text: str) -> dict:
@@ -45,6 +48,23 @@ def parse_variant(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY in {sorted(KNOBS)}, got {item!r}")
         out[key] = KNOBS[key](value)
     return out
+
+
+def heldout_nll(synth, test) -> float:
+    """Mean NLL per row (nats) of the real test rows under the model at the synthesizer's sampling temperature
+    (the marginals' tilt not included)."""
+    import torch
+
+    from tramontane.synth.synthesizer import value_log_likelihood
+
+    model, codec = synth._fitted()
+    rows = synth.schema.conform(test)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), 4096):
+            enc = codec.encode(rows.iloc[i:i + 4096])
+            total -= float(value_log_likelihood(model, codec, enc, synth.config.temperature).sum())
+    return total / len(rows)
 
 
 def score(schema, train, test, target: str, ids: np.ndarray) -> dict:
@@ -89,13 +109,16 @@ def main() -> None:
     results = {}
     for v in variants:
         start = time.perf_counter()
+        # the pool's and the sample's
+        synth.config = replace(c, temperature=v.get("temperature", c.temperature),
+                               pool_factor=v.get("pool_factor", c.pool_factor))
         if v["name"] == "none":
             synth.marginals = None
         else:
             budget = marginals.plan_budget(synth.epsilon, synth.delta, v.get("share", c.marginal_share), len(schema),
                                            v.get("rounds", c.marginal_rounds), c.selection_share,
                                            v.get("one_way_weight", c.one_way_weight))
-            pool = synth._model_ids(max(1000, int(c.pool_factor * len(train))),
+            pool = synth._model_ids(max(1000, int(synth.config.pool_factor * len(train))),
                                     np.random.default_rng(args.seed + 1000))
             synth.marginals = marginals.select_adaptive(
                 schema, budget, pool, private, len(train), args.seed,
@@ -103,10 +126,12 @@ def main() -> None:
                  v.get("groups_3", c.triple_groups)))
         seconds = time.perf_counter() - start
         ids = schema.value_ids(synth.sample(len(train), seed=args.seed))
-        results[v["name"]] = r = {**score(schema, train, test, table.target, ids), "marginal_seconds": seconds}
+        results[v["name"]] = r = {**score(schema, train, test, table.target, ids), "marginal_seconds": seconds,
+                                  "heldout_nll": heldout_nll(synth, test)}
         print(f"{v['name']:<40} tvd1 {r['tvd1_schema']:.4f} / {r['tvd1_q10']:.4f}  tvd2 {r['tvd2_schema']:.4f} / "
               f"{r['tvd2_q10']:.4f}  tvd3 {r['tvd3_schema']:.4f} / {r['tvd3_q10']:.4f}  gbdt auc "
-              f"{r['hist_gbdt_auc']:.4f}  ({seconds:.0f} s to measure)", flush=True)
+              f"{r['hist_gbdt_auc']:.4f}  held-out NLL {r['heldout_nll']:.3f}  ({seconds:.0f} s to measure)",
+              flush=True)
     first = results[variants[0]["name"]]
     print(json.dumps({"benchmark": "synth_marginals", "dataset": args.dataset, "epsilon": args.epsilon,
                       "seed": args.seed, "results": results,

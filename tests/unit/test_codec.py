@@ -210,6 +210,24 @@ def test_constrained_log_likelihood_matches_a_per_position_loop() -> None:
         assert codec.sequence_log_likelihood(logits, enc)[m] == pytest.approx(total, abs=1e-4)
 
 
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_value_log_likelihood_is_the_codecs_likelihood_of_the_full_logits(temperature: float) -> None:
+    """The training objective's fast path (output head at the prompt positions only) against the codec's
+    likelihood of the model's logits at every position, divided by the sampling temperature."""
+    from tramontane.synth.synthesizer import value_log_likelihood
+
+    schema = _missing_schema()
+    codec = TabularCodec(schema)
+    enc = codec.encode(_missing_frame(), order="random", rng=np.random.default_rng(5))
+    model = random_model(tiny_args(sliding_window=None, vocab_size=codec.vocab_size))
+    with torch.no_grad():
+        want = codec.sequence_log_likelihood(model(enc.tokens) / temperature, enc)
+        got = value_log_likelihood(model, codec, enc, temperature)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    if temperature != 1.0:  # and the temperature is applied, not ignored
+        assert not torch.allclose(got, value_log_likelihood(model, codec, enc), atol=1e-3)
+
 # -- decoding errors ----------------------------------------------------------------------------------------
 
 def test_malformed_sequences_are_flagged(codec: TabularCodec, adult: pd.DataFrame) -> None:

@@ -200,8 +200,10 @@ class FitDiagnostics:
     seconds: float = 0.0  # wall time grows with the number of rows
 
 
-def value_log_likelihood(model: Transformer, codec: TabularCodec, batch: EncodedRows) -> torch.Tensor:
-    """Per-sequence log-likelihood [M] of the value tokens under the constrained softmax.
+def value_log_likelihood(model: Transformer, codec: TabularCodec, batch: EncodedRows,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Per-sequence log-likelihood [M] of the value tokens under the constrained softmax (of the logits divided
+    by `temperature`, as `sample_tokens` draws at it).
 
     Equal to `codec.sequence_log_likelihood(model(tokens), batch)` (end tokens are forced, so they cost 0,
     and prompts are never predicted), but the output head runs only at the d prompt positions instead of
@@ -210,6 +212,8 @@ def value_log_likelihood(model: Transformer, codec: TabularCodec, batch: Encoded
     offset = 1 if codec.bos else 0
     hidden = model.hidden_states(batch.tokens)[:, offset::3]  # M d dim: at each prompt token
     logits = model.output(hidden).float()  # M d V
+    if temperature != 1.0:
+        logits = logits / temperature
     columns = batch.orders.to(logits.device)  # M d: the column whose value comes next
     allowed = codec.mask_table(logits.device)[1 + columns]  # M d V
     if logits.shape[-1] > allowed.shape[-1]:  # a model vocabulary padded beyond the codec's
