@@ -109,7 +109,7 @@ def main() -> None:
     results = {}
     for v in variants:
         start = time.perf_counter()
-        # the pool's and the sample's
+        # this variant's temperature and pool size, for its pool and its final sample
         synth.config = replace(c, temperature=v.get("temperature", c.temperature),
                                pool_factor=v.get("pool_factor", c.pool_factor))
         if v["name"] == "none":
