@@ -83,6 +83,32 @@ def test_pld_matches_dp_accounting_pld_accountant(q, sigma, steps, delta_) -> No
         DpSgdEvent(q, sigma, steps), delta_)
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_a_ledger_accounted_again_or_relabelled_gives_the_oracles_epsilon(accountant) -> None:
+    """Repeated accounting is served from memory (`_mechanisms_epsilon`, `_event_pld`); what is remembered
+    must be the epsilon of these very events, whatever their labels, and never another ledger's."""
+    from tramontane.accounting import accountants
+
+    def ledger(tag: str, sigma: float) -> list:
+        return [GaussianEvent(30.0, 3, f"{tag} counts"), DpSgdEvent(0.02, sigma, 300, f"{tag} training")]
+
+    if accountant == "rdp":
+        oracle_of = lambda: dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))  # noqa: E731
+    else:
+        oracle_of = lambda: dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)  # noqa: E731
+    for sigma in (1.1, 1.3):
+        oracle = oracle_of()
+        oracle.compose(dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(30.0), 3), _dp_sgd_event(0.02, sigma, 300)]))
+        expected = oracle.get_epsilon(1e-5)
+        before = accountants._mechanisms_epsilon.cache_info().hits
+        first = epsilon(ledger("a", sigma), 1e-5, accountant)
+        again = epsilon(ledger("b", sigma), 1e-5, accountant)  # other labels, the same mechanisms
+        assert accountants._mechanisms_epsilon.cache_info().hits == before + 1
+        assert first == again == pytest.approx(expected, abs=1e-4)
+    assert epsilon(ledger("a", 1.1), 1e-5, accountant) > epsilon(ledger("a", 1.3), 1e-5, accountant)
+
+
 def test_pld_agrees_with_opacus_published_prv_value() -> None:
     # opacus/tests/accountants_test.py::test_prv_accountant (installed with opacus 1.6): sigma 1.5, q 0.04,
     # int(90 // 0.04) = 2250 steps, delta 1e-5 -> 6.777395712150674. PRV and PLD are two numerical

@@ -46,6 +46,8 @@ dp-accounting event, are composed with the rest by basic composition: their epsi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -253,6 +255,21 @@ def _one_step_pld(event: Mechanism,
         sampling_prob=event.sample_rate), event.steps
 
 
+def _unlabelled(event: Mechanism) -> Mechanism:
+    """The event without its label: the cache key of what it spends (labels change no accounting)."""
+    return dataclasses.replace(event, label="")
+
+
+@functools.lru_cache(maxsize=8)
+def _event_pld(event: Mechanism, pld_discretization: float) -> privacy_loss_distribution.PrivacyLossDistribution:
+    """The PLD of all of `event`'s steps (an unlabelled mechanism). Kept for the last few events: a fit
+    accounts the same ledger many times over (planning, the budget check, the statement), and building a
+    subsampled Gaussian's PLD is most of each. dp-accounting's PLDs are never modified in place (`compose`
+    returns a new one), so sharing one is safe."""
+    one, count = _one_step_pld(event, pld_discretization)
+    return pld_self_compose(one, count)
+
+
 def pld_of(events: LedgerLike, pld_discretization: float = DEFAULT_PLD_DISCRETIZATION
            ) -> privacy_loss_distribution.PrivacyLossDistribution:
     """The composed PLD of the mechanism events (declared (epsilon, delta) events are left out), as
@@ -261,9 +278,19 @@ def pld_of(events: LedgerLike, pld_discretization: float = DEFAULT_PLD_DISCRETIZ
     check_pld_size(mechanisms, pld_discretization)
     out = privacy_loss_distribution.identity(value_discretization_interval=pld_discretization)
     for event in mechanisms:
-        one, count = _one_step_pld(event, pld_discretization)
-        out = out.compose(pld_self_compose(one, count))
+        out = out.compose(_event_pld(_unlabelled(event), pld_discretization))
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _mechanisms_epsilon(mechanisms: tuple[Mechanism, ...], delta: float, accountant: Accountant,
+                        pld_discretization: float) -> tuple[float, float | None]:
+    """(epsilon, optimal RDP order or None) of unlabelled mechanism events at `delta`; remembered, since
+    the same ledger is accounted several times in one run."""
+    if accountant == "rdp":
+        eps, order = _rdp_accountant(list(mechanisms)).get_epsilon_and_optimal_order(delta)
+        return float(eps), float(order)
+    return float(pld_of(mechanisms, pld_discretization).get_epsilon_for_delta(delta)), None
 
 
 def privacy_spent(
@@ -289,11 +316,9 @@ def privacy_spent(
             f"events {labels}; choose a larger delta (--delta)"
         )
     eps, order = 0.0, None
-    if mechanisms and accountant == "rdp":
-        eps, order = _rdp_accountant(mechanisms).get_epsilon_and_optimal_order(mechanism_delta)
-        order = float(order)
-    elif mechanisms:
-        eps = pld_of(mechanisms, pld_discretization).get_epsilon_for_delta(mechanism_delta)
+    if mechanisms:
+        eps, order = _mechanisms_epsilon(tuple(_unlabelled(e) for e in mechanisms), mechanism_delta, accountant,
+                                         float(pld_discretization))
     return PrivacySpent(epsilon=float(eps) + declared_eps, delta=delta, accountant=accountant,
                         optimal_order=order, declared_epsilon=declared_eps, declared_delta=declared_delta)
 

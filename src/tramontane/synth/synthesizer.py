@@ -409,7 +409,8 @@ class Synthesizer:
             share = schema_share(df.shape[1], self.config.schema_budget_share)
             budget = schema_budget(self.epsilon, self.delta, share, prior=self.ledger)
             try:
-                inference = infer_schema(df, rho=budget.rho, delta=budget.delta)
+                inference = infer_schema(df, rho=budget.rho, delta=budget.delta,
+                                         seed=derived_seed(self.noise_seed, "schema inference"))
             except SchemaError as err:
                 events = getattr(err, "events", ())
                 for event in events:  # what the failed inference spent stays on the ledger the caller holds
