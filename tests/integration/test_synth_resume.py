@@ -70,7 +70,7 @@ def test_cli_resume(table: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureF
     data = tmp_path / "d.csv"
     table.to_csv(data, index=False)
     run = tmp_path / "run"
-    fit = ["synth", "fit", "--data", str(data), "--epsilon", "20", "--steps", "4", "--seed", "0",
+    fit = ["synth", "fit", "--data", str(data), "--epsilon", "6", "--steps", "4", "--seed", "0",
            "--checkpoint-every", "2"]
     assert main([*fit, "--resume", str(run), "--out-model", str(tmp_path / "m")]) == 2
     assert "nothing to resume" in capsys.readouterr().err

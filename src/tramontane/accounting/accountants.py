@@ -40,6 +40,10 @@ Two accountants, named in every result:
     took 44 s and 3.5 GB, 1e9 would need an estimated 10 GB) `PldTooLargeError` is raised before any work,
     naming the rdp accountant, which answers in well under a second at any number of steps.
 
+Both remember their recent answers (`_mechanisms_epsilon`, keyed by the unlabelled events, and the pld
+accountant's per-event PLDs, `_event_pld`): one fit accounts the same ledger several times (its plan, the
+trainer's budget check, its statement), and building a subsampled Gaussian's PLD is most of each.
+
 Both use the add-or-remove-one neighbouring relation. (epsilon, delta) events of the ledger, which have no
 dp-accounting event, are composed with the rest by basic composition: their epsilons and deltas add up.
 """
