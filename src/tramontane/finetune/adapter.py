@@ -142,12 +142,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: LoraConfig, *,
 
 def peft_config_dict(config: LoraConfig, target_modules: list[str],
                      base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """adapter_config.json as PEFT 0.21's `LoraConfig.to_dict()` writes it for a plain LoRA on a causal LM
+    """adapter_config.json as PEFT 0.22's `LoraConfig.to_dict()` writes it for a plain LoRA on a causal LM
     (every key it writes, at its default unless it describes this adapter; `peft_version` left for PEFT to
     fill in). `target_modules` are Hugging Face module names."""
     alpha: float | int = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {
-        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "astra_config": None,
+        "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": "none", "corda_config": None,
         "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
