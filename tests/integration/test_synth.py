@@ -15,7 +15,7 @@ from tramontane.cli import main
 from tramontane.datasets import adult_schema, load_adult
 from tramontane.errors import DataError, PrivacyParameterError, SchemaError
 from tramontane.report.metrics import exact_match_rate, independent_marginals_baseline, marginal_tvd
-from tramontane.synth.synthesizer import Synthesizer, SynthConfig
+from tramontane.synth.synthesizer import RowObjective, Synthesizer, SynthConfig
 
 COLUMNS = ["age", "workclass", "education", "marital-status", "relationship", "sex", "hours-per-week", "income"]
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -56,6 +56,23 @@ def test_dp_model_beats_independent_marginals_and_does_not_copy(fitted: Synthesi
     assert ours[2] > 0.8 * held_out[2]
     copies = exact_match_rate(synthetic, train, schema)
     assert copies < exact_match_rate(test, train, schema) + 0.05
+
+
+def test_the_default_fills_an_example_with_column_orders_and_the_saved_config_says_how_many(
+        fitted: Synthesizer, data, tmp_path: Path) -> None:
+    """`augmentations=None`: K = 30 value tokens // columns orders per row, never more than the d! orders
+    there are; the fit trains on K sequences per row and saves the K it used."""
+    assert SynthConfig().augmentations is None
+    assert [SynthConfig().orders_per_row(d) for d in (1, 2, 3, 7, 8, 15, 40)] == [1, 2, 6, 4, 3, 2, 1]
+    assert SynthConfig(augmentations=5).orders_per_row(15) == 5
+    assert fitted.config.augmentations == 3  # 8 columns
+    objective = RowObjective(fitted.codec, fitted.schema.value_ids(data[0].head(4)), SynthConfig(),
+                             np.random.default_rng(0))
+    batch, example_ids = objective.rows([0, 1, 2])
+    assert batch.tokens.shape[0] == 9 and example_ids is not None
+    assert example_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    fitted.save(tmp_path / "model")
+    assert Synthesizer.load(tmp_path / "model").config.augmentations == 3
 
 
 def test_every_row_is_valid_and_seeds_reproduce(fitted: Synthesizer) -> None:

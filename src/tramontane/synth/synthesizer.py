@@ -40,7 +40,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,28 +74,36 @@ MARGINALS_FILE = "marginals.json"
 STATE_FORMAT = "tramontane.synthesizer"
 STATE_VERSION = 2  # 2: DP row count, no exact row counts
 MIN_BATCH = 8  # expected rows per DP-SGD step below which a run cannot learn: refused rather than wasted
+# Value tokens per DP-SGD example that `SynthConfig.augmentations=None` fills with column orders of the row:
+# the fit's per-example compute is then about the same whatever the column count (Adult and CPS measured
+# best at this K among 1, 2 and 4 orders; BENCHMARKS.md)
+TOKENS_PER_EXAMPLE = 30
 
 
 @dataclass
 class SynthConfig:
     """Model and training hyper-parameters. The defaults are the configuration `benchmarks/synth.py`
-    measures; `SynthConfig.fast()` is the quicker one `make demo` uses."""
+    measures and `make demo` runs; `SynthConfig.fast()` (`tramontane synth --fast`) is a quicker, weaker one."""
 
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
     hidden_dim: int = 192
-    steps: int = 400  # DP-SGD steps: the model is step-limited (held-out NLL falls from 100 to 400 steps)
-    noise_multiplier_target: float = 2.5  # TAN: the batch size is chosen so that sigma lands here
-    # At most this share of the rows per step: bounds the fit's compute (steps x batch) at large epsilon,
-    # where the TAN batch for the target sigma grows past half of the table.
-    max_batch_fraction: float = 0.05
+    steps: int = 600  # DP-SGD steps: the model is step-limited (held-out NLL falls from 100 to 600 steps)
+    noise_multiplier_target: float = 2.1  # TAN: the batch size is chosen so that sigma lands here
+    # At most this share of the rows per step (and never fewer than MIN_BATCH): bounds the fit's compute
+    # (steps x batch x augmentations) at large epsilon, where the TAN batch for the target sigma grows past
+    # half of the table. At epsilon 1 the TAN batch is about 1.6% of the rows, under the cap.
+    max_batch_fraction: float = 0.017
     lr: float = 1e-2
     warmup_steps: int = 6
     max_grad_norm: float = 1.0
     micro_batch_size: int = 1024
-    augmentations: int = 1  # K column-permuted copies of a row inside its one clipped gradient
+    # K column-permuted copies of a row inside its one clipped gradient: free in privacy (one row, one
+    # clipped gradient), K times the compute of a step. None: as many orders as fit in TOKENS_PER_EXAMPLE
+    # value tokens (`orders_per_row`: 2 for Adult's 15 columns, 4 for CPS's 7)
+    augmentations: int | None = None
     permute_columns: bool = True
     accountant: accounting.Accountant = "pld"  # calibrates sigma; the tighter accountant, a smaller sigma
     schema_budget_share: float = 0.3  # at most this share of rho and delta for a DP schema (1% a column)
@@ -120,6 +128,8 @@ class SynthConfig:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps", "micro_batch_size",
                      "augmentations"):
             value = getattr(self, name)
+            if name == "augmentations" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.warmup_steps < 0:
@@ -154,10 +164,18 @@ class SynthConfig:
         if self.accountant not in accounting.ACCOUNTANTS:
             raise ConfigError(f"accountant must be one of {list(accounting.ACCOUNTANTS)}, got {self.accountant!r}")
 
+    def orders_per_row(self, n_columns: int) -> int:
+        """K, the column orders of a row in one example: `augmentations`, or when None as many as fit in
+        TOKENS_PER_EXAMPLE value tokens, at least 1 and at most the n_columns! orders there are."""
+        if self.augmentations is not None:
+            return self.augmentations
+        return max(1, min(TOKENS_PER_EXAMPLE // n_columns, math.factorial(min(n_columns, 5))))
+
     @classmethod
     def fast(cls) -> SynthConfig:
-        """A shorter run with smaller batches (a few minutes on 2 CPU cores for Adult), lower utility."""
-        return cls(steps=40, noise_multiplier_target=2.0, warmup_steps=3)
+        """A shorter run with smaller batches and one column order per row (a minute or two on 2 CPU cores
+        for Adult), lower utility."""
+        return cls(steps=40, noise_multiplier_target=2.0, warmup_steps=3, augmentations=1)
 
 
 SCHEMA_SOURCES = ("public", "dp", "non-private")
@@ -244,13 +262,14 @@ class RowObjective:
 
     def __init__(self, codec: TabularCodec, vids: np.ndarray, config: SynthConfig, rng: np.random.Generator):
         self.codec, self.vids, self.config, self.rng = codec, vids, config, rng
+        self.orders = config.orders_per_row(codec.n_columns)
 
     def encode(self, vids: np.ndarray) -> tuple[EncodedRows, torch.Tensor | None]:
         """(encoded rows, example id of each sequence or None without augmentations) of value-id rows [M, d]
         that need not be training rows (the audit's canary)."""
         order = "random" if self.config.permute_columns else None
-        enc = self.codec.encode_value_ids(vids, order, self.config.augmentations, self.rng)
-        ids = enc.example_ids if self.config.augmentations > 1 else None
+        enc = self.codec.encode_value_ids(vids, order, self.orders, self.rng)
+        ids = enc.example_ids if self.orders > 1 else None
         return enc, ids
 
     def rows(self, indices: Sequence[int]) -> tuple[EncodedRows, torch.Tensor | None]:
@@ -261,7 +280,7 @@ class RowObjective:
         assert isinstance(model, Transformer)
         ll = value_log_likelihood(model, self.codec, batch)
         # per-value mean, and the K copies of a row average rather than add up (AugMult)
-        return -ll / (self.codec.n_columns * self.config.augmentations)
+        return -ll / (self.codec.n_columns * self.orders)
 
 
 PLAN_FILE = "plan.json"
@@ -384,7 +403,7 @@ class Synthesizer:
                 f"{c.steps} DP-SGD steps: the noise it needs allows batches of only {batch:.2g} rows (at least "
                 f"{MIN_BATCH} are needed to learn anything). Raise --epsilon, give more rows, or lower --steps. "
                 + self._spent_note())
-        batch = max(1, int(min(batch, c.max_batch_fraction * rows_dp)))
+        batch = int(min(batch, max(MIN_BATCH, c.max_batch_fraction * rows_dp)))
         q = min(1.0, batch / rows_dp)
         try:
             cal = accounting.calibrate_noise_multiplier(self.epsilon, self.delta, q, c.steps,
@@ -399,8 +418,6 @@ class Synthesizer:
         of the whole ledger: `dp_schema.schema_share` of the columns, at most `schema_budget_share`, of the
         rho and delta of the budget (`dp_schema.schema_budget`). DP-SGD is then calibrated with the ledger as
         its prior, so the inference's events are composed exactly. Without DP when allowed."""
-        from dataclasses import replace
-
         from tramontane.synth.dp_schema import schema_budget, schema_share
 
         if self.allow_non_private_schema:
@@ -541,6 +558,8 @@ class Synthesizer:
         schema, rows = planned[0] if planned else self._resume_plan(plan, df)
         codec = TabularCodec(schema)
         vids = schema.value_ids(rows)
+        if c.augmentations is None:  # from the public column count: the saved config says which K ran
+            c = self.config = replace(c, augmentations=c.orders_per_row(codec.n_columns))
 
         if self.seed is not None:
             torch.manual_seed(self.seed)
