@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # The flagship job with the benchmarked defaults on the bundled CPS 1988 wages table (18,770 rows): a DP
 # language model and measured marginals at epsilon 1, then synthetic rows, utility against the held-out split
-# (its one-line summary on the terminal), and an HTML + JSON report, all under out/ (about 5 minutes on 2
+# (its one-line summary on the terminal), and an HTML + JSON report, all under out/ (about 9 minutes on 2
 # cores). The same defaults on UCI Adult (`--data adult --test adult-test --target income`) take about 20.
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m tramontane.cli synth --data cps1988 --test cps1988-test --target parttime \
