@@ -158,3 +158,13 @@ def test_bad_input_is_refused_with_clear_errors(data, tmp_path: Path, capsys: py
         assert main(["synth", "--data", str(data_file), "--epsilon", "3", "--out", str(out)]) == 2
         assert "error:" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_batch_cap_never_goes_below_the_smallest_batch_that_learns() -> None:
+    """A small table at a large epsilon: 1.7% of 300 rows is 5 rows, but the cap keeps MIN_BATCH (8)."""
+    from tramontane.synth.synthesizer import MIN_BATCH
+
+    schema = adult_schema().select(COLUMNS)
+    synth = Synthesizer(schema, epsilon=50.0, delta=1e-3, config=_small_config(steps=10), seed=0)
+    batch, q, _ = synth._plan_batch(300, 50.0, 1e-3)
+    assert 0.017 * 300 < MIN_BATCH == batch and q == batch / 300
