@@ -16,8 +16,12 @@ does with its activations too). "Bytes/token" is the size of the weights one
 decoded token reads (everything but the embedding table, plus one of its rows; the KV cache, < 10 MB here, is
 left out); "GB/s" is bytes/token times decode tokens/s.
 
-Every engine runs with OMP_WAIT_POLICY=PASSIVE unless the caller sets it (torch and this llama.cpp build both use
-OpenMP; on shared cores spinning workers made 2 threads several times slower than 1, see the serve benchmark).
+Every engine runs with OMP_WAIT_POLICY=PASSIVE unless the caller sets it or `--omp-wait-policy` says otherwise
+(torch and this llama.cpp build both use OpenMP; on shared cores spinning workers made 2 threads several times
+slower than 1, see the serve benchmark). PASSIVE costs tramontane more than llama.cpp: a torch decode step opens
+dozens of parallel regions (each linear layer's), each waking a sleeping worker, where llama.cpp's threads meet
+at their own spinning barriers inside one region per token; `--omp-wait-policy default` measures both without
+that cost.
 
 llama.cpp runs through llama-cpp-python built from its source distribution (cmake and a C++ compiler needed) in
 its own venv, `.bench/llamacpp-venv` by default, created on first use (10-20 minutes on 2 cores); when it
@@ -268,6 +272,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--llama-venv", type=Path, default=DEFAULT_LLAMA_VENV)
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "default"),
+                        default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper(),
+                        help="OMP_WAIT_POLICY of every engine (default: the caller's, else PASSIVE). 'default' "
+                             "leaves it unset: libgomp's workers then spin briefly after each parallel region and "
+                             "sleep after that, which a decode step's many small regions profit from; ACTIVE "
+                             "spins forever, so the idle engines of the interleaved rounds starve the timed one")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp (no venv is built)")
     parser.add_argument("--only", help="comma-separated engines to run, as the table names them (default: "
                         "all; tramontane fp32 and transformers fp32 are required)")
@@ -302,7 +312,10 @@ def main() -> None:
     results: dict[str, dict | None] = {f"{e} {v}": None for e, v in variants}
     results |= {f"llama.cpp {kind}": None for kind in GGUF_TYPES
                 if not args.only or f"llama.cpp {kind}" in only}
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         make_checkpoint(directory)
@@ -338,7 +351,7 @@ def main() -> None:
     ours, hf = results["tramontane fp32"], results["transformers fp32"]
     assert ours is not None and hf is not None
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}, "
-          f"2 threads (OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}), prompt {args.prompt_len}, "
+          f"2 threads (OMP_WAIT_POLICY={args.omp_wait_policy}), prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, batch 1, median of {args.repeats}"
           + (f"; llama-cpp-python {versions.get('llama_cpp_python')}, gguf {versions.get('gguf')}" if versions
              else ""))

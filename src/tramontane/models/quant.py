@@ -410,7 +410,9 @@ class Int8Linear(QuantizedLinear):
 
 
 _SQRT2_UP = 1.4142136573791504  # the least float32 >= sqrt(2): R grid values stay exact in float32
-_SENTINEL_UNITS: dict[int, torch.Tensor] = {}  # in_features -> [[1, 0, ...], [-1, 0, ...]] (never written to)
+# (in_features, R) -> [[R, 0, ...], [-R, 0, ...]], the sentinel rows of `_dynamic_int8_linear` (never written to;
+# R takes few values: a grid of half powers of two)
+_SENTINELS: dict[tuple[int, float], torch.Tensor] = {}
 
 
 def _activation_bound(a: float) -> float:
@@ -433,20 +435,27 @@ def _dynamic_int8_linear(x: torch.Tensor, packed: Any, out_features: int) -> tor
     (their outputs dropped). The step, 2R / 127, is at most 2 sqrt(2) a / 127: for a row of roughly symmetric
     values about 1.4x what quantizing it over its own range would give."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    bounds = [_activation_bound(a) for a in rows.abs().amax(1).tolist()]
-    unit = _SENTINEL_UNITS.get(rows.shape[1])
-    if unit is None:
-        unit = _SENTINEL_UNITS[rows.shape[1]] = torch.zeros(2, rows.shape[1])
-        unit[0, 0], unit[1, 0] = 1.0, -1.0
+    # a decode step makes dozens of these calls per token, so the bookkeeping is kept to few small ops
+    bounds = [_activation_bound(a) for a in torch.linalg.vector_norm(rows, math.inf, dim=1).tolist()]
     if len(set(bounds)) == 1:  # decoding one sequence, or rows alike
-        out = torch.ops.quantized.linear_dynamic(torch.cat([rows, unit * bounds[0]]), packed, True)[:-2]
+        out = torch.ops.quantized.linear_dynamic(torch.cat([rows, _sentinels(rows.shape[1], bounds[0])]),
+                                                 packed, True)[:-2]
     else:
         out = rows.new_empty(rows.shape[0], out_features)
         for bound in set(bounds):
             index = torch.tensor([i for i, b in enumerate(bounds) if b == bound])
-            part = torch.cat([rows.index_select(0, index), unit * bound])
+            part = torch.cat([rows.index_select(0, index), _sentinels(rows.shape[1], bound)])
             out.index_copy_(0, index, torch.ops.quantized.linear_dynamic(part, packed, True)[:-2])
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def _sentinels(width: int, bound: float) -> torch.Tensor:
+    """The two rows [R, 0, ...] and [-R, 0, ...] that set fbgemm's range to [-R, R] (cached; never written)."""
+    rows = _SENTINELS.get((width, bound))
+    if rows is None:
+        rows = _SENTINELS[(width, bound)] = torch.zeros(2, width)
+        rows[0, 0], rows[1, 0] = bound, -bound
+    return rows
 
 
 class Int4Linear(QuantizedLinear):
