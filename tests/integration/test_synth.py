@@ -15,7 +15,7 @@ from tramontane.cli import main
 from tramontane.datasets import adult_schema, load_adult
 from tramontane.errors import DataError, PrivacyParameterError, SchemaError
 from tramontane.report.metrics import exact_match_rate, independent_marginals_baseline, marginal_tvd
-from tramontane.synth.synthesizer import RowObjective, Synthesizer, SynthConfig
+from tramontane.synth.synthesizer import MIN_BATCH, RowObjective, Synthesizer, SynthConfig
 
 COLUMNS = ["age", "workclass", "education", "marital-status", "relationship", "sex", "hours-per-week", "income"]
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -162,8 +162,6 @@ def test_bad_input_is_refused_with_clear_errors(data, tmp_path: Path, capsys: py
 
 def test_the_batch_cap_never_goes_below_the_smallest_batch_that_learns() -> None:
     """A small table at a large epsilon: 1.7% of 300 rows is 5 rows, but the cap keeps MIN_BATCH (8)."""
-    from tramontane.synth.synthesizer import MIN_BATCH
-
     schema = adult_schema().select(COLUMNS)
     synth = Synthesizer(schema, epsilon=50.0, delta=1e-3, config=_small_config(steps=10), seed=0)
     batch, q, _ = synth._plan_batch(300, 50.0, 1e-3)
