@@ -193,6 +193,7 @@ class Sandbox:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
+        self._killed_by_close: subprocess.Popen[bytes] | None = None  # the command close() killed, if any
         if unsafe_no_sandbox:
             self._prefix: list[str] = []
             message = (f"commands in {workspace} run WITHOUT a sandbox (unsafe_no_sandbox): they can read "
@@ -223,6 +224,7 @@ class Sandbox:
         self._closed = True
         proc = self._proc
         if proc is not None and proc.poll() is None:
+            self._killed_by_close = proc  # set before the kill: the supervisor may see the pipes close first
             self._kill_tree(proc)
 
     def __enter__(self) -> Self:
@@ -269,6 +271,8 @@ class Sandbox:
         supervised = False
         try:
             output, trailer, killed = self._supervise(proc, trailer_r, start + wall)
+            if killed is None and self._killed_by_close is proc:  # the pipes closed before the loop saw it
+                killed = "closed"
             supervised = True
         finally:
             try:  # the outer bwrap exits a moment after the namespace it watched
