@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -204,6 +205,35 @@ def test_w8a8_error_bound_and_batch_invariance(rows, wide):
     err = (out.double() - exact).abs()
     assert bool((err <= bound + 1e-4).all()), float((err / bound).max())
     assert float(err.max()) > 0  # the activations were quantized: not the weight-only result
+
+
+@needs_fbgemm
+def test_w8a8_quantizes_as_fbgemm_does_for_the_range_plus_or_minus_r():
+    """The given scale and zero point reproduce fbgemm's own choice for a tensor spanning [-R, R] (its dynamic
+    linear, with two extra rows holding R and -R), bit for bit, over the R grid from 2^-7 to 2^30, rows that
+    reach R and -R included. Below about 0.0039 fbgemm floors its scale; there rows keep the finer 2R / 127,
+    and the error stays within the step of their own range."""
+    from tramontane.models.quant import _activation_bound, _dynamic_int8_linear
+
+    q = Int8Linear.from_float(linear(32, 64), dynamic_activations=True).eval()
+    gen = torch.Generator().manual_seed(0)
+    for exponent in range(-7, 31):
+        for mantissa in (1.0, 1.4142136573791504):
+            bound = math.ldexp(mantissa, exponent)
+            x = (torch.rand(3, 64, generator=gen) * 2 - 1) * bound * 0.999
+            x[1, 3], x[2, 5] = bound, -bound
+            for row in x:
+                assert _activation_bound(float(row.abs().max())) == bound
+                sentinels = torch.zeros(2, 64)
+                sentinels[0, 0], sentinels[1, 0] = bound, -bound
+                fbgemm = torch.ops.quantized.linear_dynamic(torch.cat([row[None], sentinels]), q.fbgemm, True)[:1]
+                assert torch.equal(_dynamic_int8_linear(row[None], q.fbgemm, 32), fbgemm), bound
+    w = plain_int8_dequant(q.values(), q.scales).double()
+    for scale in (1e-4, 1e-12, 1e-30):
+        x = torch.randn(2, 64, generator=gen) * scale
+        err = (_dynamic_int8_linear(x, q.fbgemm, 32).double() - x.double() @ w.T).abs()
+        step = 2 * 2**0.5 * x.abs().amax(1).double() / 127
+        assert bool((err <= step[:, None] * w.abs().sum(1)[None, :] * (1 + 1e-4)).all()), scale
 
 
 def test_w8a8_activation_grid_is_exact_in_float32_and_within_sqrt2():

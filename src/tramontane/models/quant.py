@@ -30,8 +30,8 @@ round the activations to bfloat16 (their only fast input type), so a float32 mod
 its prefill by about bfloat16 precision.
 
 W8A8 (`QuantConfig(activations="int8")`, `--quantize w8a8` on the command line): the same int8 weights, run on CPU
-by fbgemm's dynamic quantized linear (`quantized::linear_dynamic`), which quantizes the activations to int8 on the
-fly and multiplies in integers, for every row count (prefill too). Each row is quantized on a grid fixed by its own
+by fbgemm's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`), which quantizes the
+activations to int8 on the fly, on a range this module picks, and multiplies in integers, for every row count (prefill too). Each row is quantized on a grid fixed by its own
 largest value (`_dynamic_int8_linear`), so results do not depend on the batch. It exists because torch's
 weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC one decode row through it cost about what the
 float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128 rows (the 32768-row head 2.6x at one row).
@@ -87,9 +87,10 @@ INT4_KERNEL_ROWS = 64
 _M = TypeVar("_M", bound=nn.Module)
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 ACTIVATIONS = ("float", "int8")
-# fbgemm's dynamic quantized linear; it takes its weight as a quantized tensor, an API torch 2.13 deprecates
+# fbgemm's quantized linear with int8 activations, float32 output and the input's quantization given by the caller
+# (`_dynamic_int8_linear`); its packed weight is made from a quantized tensor, an API torch 2.13 deprecates
 HAS_DYNAMIC_INT8 = ("fbgemm" in torch.backends.quantized.supported_engines
-                    and hasattr(torch.ops.quantized, "linear_dynamic")
+                    and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
                     and hasattr(torch, "_make_per_channel_quantized_tensor"))
 _HAS_INT4_KERNEL = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
                     and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
@@ -410,9 +411,11 @@ class Int8Linear(QuantizedLinear):
 
 
 _SQRT2_UP = 1.4142136573791504  # the least float32 >= sqrt(2): R grid values stay exact in float32
-# (in_features, R) -> [[R, 0, ...], [-R, 0, ...]], the sentinel rows of `_dynamic_int8_linear` (never written to;
-# R takes few values: a grid of half powers of two)
-_SENTINELS: dict[tuple[int, float], torch.Tensor] = {}
+# R -> (scale, zero point) of `_input_qparams`; R takes few values (a grid of half powers of two)
+_QPARAMS: dict[float, tuple[float, int]] = {}
+# the smallest activation range used: rows whose largest |value| is below it share its step (2^-100 / 63.5),
+# which keeps 1 / scale finite in float32
+_MIN_BOUND = 2.0**-100
 
 
 def _activation_bound(a: float) -> float:
@@ -425,37 +428,42 @@ def _activation_bound(a: float) -> float:
     return low if a <= low else math.ldexp(1.0, exponent)
 
 
+def _input_qparams(bound: float) -> tuple[float, int]:
+    """(scale, zero point) quantizing [-R, R] to 0..127 (R = `bound`), computed as aten's ChooseQuantizationParams
+    computes them for a tensor whose minimum and maximum are -R and R: the scale 2R / 127 in double rounded to
+    float32, the zero point R / scale rounded half to even (64). fbgemm's dynamic linear given the same range
+    (e.g. by two extra rows holding R and -R) quantizes the same way, except that it floors the scale at 6.1e-5
+    (R below about 0.0039), which this does not."""
+    params = _QPARAMS.get(bound)
+    if params is None:
+        r = max(bound, _MIN_BOUND)
+        scale = 2.0 * r / 127.0
+        params = _QPARAMS[bound] = (float(torch.tensor(scale, dtype=torch.float32)), round(r / scale))
+    return params
+
+
 def _dynamic_int8_linear(x: torch.Tensor, packed: Any, out_features: int) -> torch.Tensor:
-    """x [..., in] times fbgemm's packed int8 weight, the activations quantized on the fly (affine uint8 with
+    """x [..., in] times fbgemm's packed int8 weight, the activations quantized on the fly (affine uint8 in
     fbgemm's reduced range 0..127, so that its AVX2 kernel's pairwise int16 sums cannot saturate), float32
     output. Each row's quantization depends on that row alone, so a row's result does not depend on the batch
     it is in (serving's batch invariance): a row whose largest |value| is a is quantized over [-R, R], R the
-    least value >= a of a grid of half powers of two (`_activation_bound`). fbgemm takes its scale from the
-    call's minimum and maximum, so the rows of each R go in one call with two sentinel rows holding R and -R
-    (their outputs dropped). The step, 2R / 127, is at most 2 sqrt(2) a / 127: for a row of roughly symmetric
-    values about 1.4x what quantizing it over its own range would give."""
+    least value >= a of a grid of half powers of two (`_activation_bound`), by fbgemm's linear that takes the
+    input's scale and zero point (`_input_qparams`), one call for the rows of each R. The step, 2R / 127, is at
+    most 2 sqrt(2) a / 127: for a row of roughly symmetric values about 1.4x what quantizing it over its own
+    range would give."""
     rows = x.reshape(-1, x.shape[-1]).float()
     # a decode step makes dozens of these calls per token, so the bookkeeping is kept to few small ops
     bounds = [_activation_bound(a) for a in torch.linalg.vector_norm(rows, math.inf, dim=1).tolist()]
-    if len(set(bounds)) == 1:  # decoding one sequence, or rows alike
-        out = torch.ops.quantized.linear_dynamic(torch.cat([rows, _sentinels(rows.shape[1], bounds[0])]),
-                                                 packed, True)[:-2]
+    distinct = set(bounds)
+    linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    if len(distinct) == 1:  # decoding one sequence, or rows alike
+        out = linear(rows, *_input_qparams(bounds[0]), packed)
     else:
         out = rows.new_empty(rows.shape[0], out_features)
-        for bound in set(bounds):
+        for bound in distinct:
             index = torch.tensor([i for i, b in enumerate(bounds) if b == bound])
-            part = torch.cat([rows.index_select(0, index), _sentinels(rows.shape[1], bound)])
-            out.index_copy_(0, index, torch.ops.quantized.linear_dynamic(part, packed, True)[:-2])
+            out.index_copy_(0, index, linear(rows.index_select(0, index), *_input_qparams(bound), packed))
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
-
-
-def _sentinels(width: int, bound: float) -> torch.Tensor:
-    """The two rows [R, 0, ...] and [-R, 0, ...] that set fbgemm's range to [-R, R] (cached; never written)."""
-    rows = _SENTINELS.get((width, bound))
-    if rows is None:
-        rows = _SENTINELS[(width, bound)] = torch.zeros(2, width)
-        rows[0, 0], rows[1, 0] = bound, -bound
-    return rows
 
 
 class Int4Linear(QuantizedLinear):
