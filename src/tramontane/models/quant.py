@@ -31,10 +31,11 @@ its prefill by about bfloat16 precision.
 
 W8A8 (`QuantConfig(activations="int8")`, `--quantize w8a8` on the command line): the same int8 weights, run on CPU
 by fbgemm's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`), which quantizes the
-activations to int8 on the fly, on a range this module picks, and multiplies in integers, for every row count (prefill too). Each row is quantized on a grid fixed by its own
-largest value (`_dynamic_int8_linear`), so results do not depend on the batch. It exists because torch's
-weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC one decode row through it cost about what the
-float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128 rows (the 32768-row head 2.6x at one row).
+activations to int8 on the fly, over a range this module picks, and multiplies in integers, for every row count
+(prefill too). Each row's range is fixed by its own largest value (`_dynamic_int8_linear`), so results do not
+depend on the batch. It exists because torch's weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC
+one decode row through it cost about what the float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128
+rows (the 32768-row head 2.6x at one row).
 Activations lose precision too (7 bits, over a range up to 1.41x the row's largest value): on the random
 checkpoints of the suite the top-1 agreement with float32 stays at the int8 gate, but checkpoints with outlier
 activation channels (large LLMs, as LLM.int8() and SmoothQuant describe) can lose more than that; weight-only int8
