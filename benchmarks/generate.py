@@ -156,7 +156,11 @@ def run_engine(engine: str, variant: str, directory: Path, prompt_len: int, new_
                                      do_sample=False, pad_token_id=0)
             return out[0, prompt_len:].tolist()
 
-    serve_rounds(prefill, decode, {"decode_bytes_per_token": decode_bytes(model)})
+    final = {"decode_bytes_per_token": decode_bytes(model)}
+    if engine == "tramontane":  # which kernel ran W8A8 layers: the native one, or fbgemm's without a compiler
+        kernels = {getattr(m, "w8a8_kernel", None) for m in model.modules()} - {None}
+        final["w8a8_kernel"] = ",".join(sorted(kernels)) or None
+    serve_rounds(prefill, decode, final)
 
 
 def serve_rounds(prefill: Callable[[], None], decode: Callable[[], list[int]], final: dict) -> None:
@@ -379,6 +383,7 @@ def main() -> None:
         "int4_vs_llamacpp_q4_0": _ratio(get("tramontane int4"), get("llama.cpp Q4_0")),
         "w8a8_decode_speedup_vs_hf_fp32": _ratio(get("tramontane w8a8"), hf),
         "w8a8_vs_llamacpp_q8_0": _ratio(get("tramontane w8a8"), get("llama.cpp Q8_0")),
+        "w8a8_kernel": (get("tramontane w8a8") or {}).get("w8a8_kernel"),
         "bf16_decode_speedup_vs_hf_bf16": _ratio(get("tramontane bf16"), get("transformers bf16")),
         "prepack_decode_speedup": {v: _ratio(get(f"tramontane {v}"), get(f"tramontane {v} unpacked"))
                                    for v in UNPACKED},

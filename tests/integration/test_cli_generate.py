@@ -143,7 +143,7 @@ def test_generate_with_int8_weights_is_the_quantized_library_model(model_dir: Pa
     model, _ = load_model(model_dir, quantize=QuantConfig("int8", activations="int8" if option == "w8a8"
                                                           else "float"))
     assert type(model.layers[0].attention.wq).__name__ == "Int8Linear"
-    assert (model.layers[0].attention.wq.fbgemm is not None) == (option == "w8a8")
+    assert (model.layers[0].attention.wq.w8a8_kernel is not None) == (option == "w8a8")
     # as the CLI loads it: in eval mode (the int8 kernel; load_model leaves a quantized float checkpoint in
     # train mode), the head packed for oneDNN where that was timed faster (this process's same choice)
     prepack_for_inference(model)

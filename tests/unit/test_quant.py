@@ -181,16 +181,30 @@ W8A8 = QuantConfig("int8", activations="int8")
 needs_fbgemm = pytest.mark.skipif(not HAS_DYNAMIC_INT8, reason="torch's fbgemm quantized engine is missing")
 
 
+@pytest.fixture(params=["native", "fbgemm"])
+def w8a8_kernel(request, monkeypatch):
+    """Which kernel W8A8 layers made in the test use: the native one (skipped where it cannot be built) or
+    fbgemm's (the native kernel hidden)."""
+    import tramontane.models.quant as quant
+
+    if request.param == "fbgemm":
+        monkeypatch.setattr(quant, "w8a8_kernel", lambda: None)
+    elif quant.w8a8_kernel() is None:
+        pytest.skip("the native W8A8 kernel cannot be built here (no C compiler)")
+    return request.param
+
+
 @needs_fbgemm
 @pytest.mark.parametrize("rows, wide", [(1, None), (6, None), (6, 2), (40, 0)])
-def test_w8a8_error_bound_and_batch_invariance(rows, wide):
+def test_w8a8_error_bound_and_batch_invariance(rows, wide, w8a8_kernel):
     """Dynamic int8 activations: each output is within what quantizing its own row over [-R, R] can cause
     (R <= sqrt(2) |row|_max, 127 levels: one step per value, rounding plus the zero point's clamp), even when
     another row of the call has a 100x wider range (quantizing the call as one tensor would give the other
     rows a 100x coarser step and fail this bound); and each row's result is the one it gets alone."""
     layer = linear(96, 128)
     q = Int8Linear.from_float(layer, dynamic_activations=True).eval()
-    assert q.qweight is None and q.fbgemm is not None  # the weight is held in fbgemm's packing only
+    assert q.w8a8_kernel == w8a8_kernel
+    assert (q.qweight is None) == (w8a8_kernel == "fbgemm")  # fbgemm's packing replaces the plain weight
     w = plain_int8_dequant(q.values(), q.scales)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
     if wide is not None:
@@ -208,13 +222,15 @@ def test_w8a8_error_bound_and_batch_invariance(rows, wide):
 
 
 @needs_fbgemm
-def test_w8a8_quantizes_as_fbgemm_does_for_the_range_plus_or_minus_r():
+def test_w8a8_quantizes_as_fbgemm_does_for_the_range_plus_or_minus_r(monkeypatch):
     """The given scale and zero point reproduce fbgemm's own choice for a tensor spanning [-R, R] (its dynamic
     linear, with two extra rows holding R and -R), bit for bit, over the R grid from 2^-7 to 2^30, rows that
     reach R and -R included. Below about 0.0039 fbgemm floors its scale; there rows keep the finer 2R / 127,
     and the error stays within the step of their own range."""
+    import tramontane.models.quant as quant
     from tramontane.models.quant import _activation_bound, _dynamic_int8_linear
 
+    monkeypatch.setattr(quant, "w8a8_kernel", lambda: None)  # the fbgemm path (the native kernel equals it)
     q = Int8Linear.from_float(linear(32, 64), dynamic_activations=True).eval()
     gen = torch.Generator().manual_seed(0)
     for exponent in range(-7, 31):
@@ -247,7 +263,7 @@ def test_w8a8_activation_grid_is_exact_in_float32_and_within_sqrt2():
 
 
 @needs_fbgemm
-def test_w8a8_layer_state_dict_and_devices():
+def test_w8a8_layer_state_dict_and_devices(w8a8_kernel):
     layer = linear(48, 64)
     weight_only, w8a8 = Int8Linear.from_float(layer), Int8Linear.from_float(layer, dynamic_activations=True)
     state = w8a8.state_dict()
@@ -256,10 +272,10 @@ def test_w8a8_layer_state_dict_and_devices():
     again.load_state_dict(state)
     x = torch.randn(3, 64)
     with torch.no_grad():
-        assert again.fbgemm is not None and torch.equal(again.eval()(x), w8a8.eval()(x))
+        assert again.w8a8_kernel == w8a8_kernel and torch.equal(again.eval()(x), w8a8.eval()(x))
         torch.testing.assert_close(copy.deepcopy(w8a8)(x), w8a8(x), rtol=0, atol=0)
         moved = copy.deepcopy(w8a8).to("meta")  # off CPU: back to the plain int8 layout, weight-only
-        assert moved.fbgemm is None and moved.qweight is not None and moved.qweight.is_meta
+        assert moved.w8a8_kernel is None and moved.qweight is not None and moved.qweight.is_meta
     # training and inputs that need a gradient run weight-only (dequantized), as for int8
     x.requires_grad_(True)
     torch.testing.assert_close(w8a8.train()(x), x @ weight_only.dequantize().T, rtol=1e-6, atol=1e-6)
@@ -467,7 +483,7 @@ def test_load_model_quantizes_a_float_checkpoint(tmp_path):
         save_model(quantize_model(copy.deepcopy(base), "int8"), tmp_path / "q8")
         w8a8, args = load_model(tmp_path / "q8", quantize=W8A8)
         assert quantization_config(w8a8) == W8A8 and args.extra["quantization"]["activations"] == "int8"
-        assert w8a8.layers[0].attention.wq.fbgemm is not None
+        assert w8a8.layers[0].attention.wq.w8a8_kernel is not None
         with torch.no_grad():
             torch.testing.assert_close(w8a8(prompts), load_model(tmp_path / "q8")[0](prompts), rtol=0.05,
                                        atol=0.05)

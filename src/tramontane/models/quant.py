@@ -30,10 +30,11 @@ round the activations to bfloat16 (their only fast input type), so a float32 mod
 its prefill by about bfloat16 precision.
 
 W8A8 (`QuantConfig(activations="int8")`, `--quantize w8a8` on the command line): the same int8 weights, run on CPU
-by fbgemm's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`), which quantizes the
-activations to int8 on the fly, over a range this module picks, and multiplies in integers, for every row count
-(prefill too). Each row's range is fixed by its own largest value (`_dynamic_int8_linear`), so results do not
-depend on the batch. It exists because torch's weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC
+with the activations quantized to 8 bits on the fly, over a range this module picks, and multiplied in integers,
+for every row count (prefill too). The package's own kernel (`models.native`, C compiled at first use) runs it
+when it builds, else fbgemm's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`); the
+two give bit-identical results, the native one with less overhead per call. Each row's range is fixed by its own
+largest value (`_dynamic_int8_linear`), so results do not depend on the batch. It exists because torch's weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC
 one decode row through it cost about what the float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128
 rows (the 32768-row head 2.6x at one row).
 Activations lose precision too (7 bits, over a range up to 1.41x the row's largest value): on the random
@@ -72,6 +73,7 @@ from torch import nn
 from tramontane.errors import ConfigError
 from tramontane.models.layers import Attention, FeedForward
 from tramontane.models.moe import MoeLayer
+from tramontane.models.native import W8A8Kernel, w8a8_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ SCALE_DTYPE = torch.bfloat16  # the kernels' scale dtype; stored so, so kernel a
 # Rows per call up to which the fused kernel beats dequantize + dense bf16 matmul (measured on an AVX-512 EPYC:
 # int8 breaks even between 16 and 32 rows, int4 between 64 and 128).
 INT8_KERNEL_ROWS = 16
+_QUANTIZE_BLOCK_ROWS = 1024
 INT4_KERNEL_ROWS = 64
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -172,10 +175,16 @@ class QuantConfig:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] -> (q int8 [out, in], scales bfloat16 [out]) with W ~ q * scales[:, None]."""
-    w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(SCALE_DTYPE).tiny).to(SCALE_DTYPE)
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    """W [out, in] -> (q int8 [out, in], scales bfloat16 [out]) with W ~ q * scales[:, None]. Computed a block
+    of rows at a time, so that the float temporaries stay small next to a large layer (the output head)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=SCALE_DTYPE, device=weight.device)
+    for start in range(0, weight.shape[0], _QUANTIZE_BLOCK_ROWS):
+        rows = slice(start, start + _QUANTIZE_BLOCK_ROWS)
+        w = weight[rows].detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(SCALE_DTYPE).tiny).to(SCALE_DTYPE)
+        q[rows] = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
+        scales[rows] = scale
     return q, scales
 
 
@@ -318,10 +327,11 @@ class _DequantizedLinear(torch.autograd.Function):
 class Int8Linear(QuantizedLinear):
     """int8 weight per output channel: buffers `qweight` int8 [out, in], `scales` bfloat16 [out].
 
-    With `dynamic_activations` (W8A8, `QuantConfig.activations="int8"`) the layer runs on CPU through fbgemm's
-    dynamic quantized linear over a packed copy of its weight, which then replaces `qweight` (the state dict
-    unpacks it, checked exactly at pack time); see `_dynamic_int8_linear` for how the activations are
-    quantized."""
+    With `dynamic_activations` (W8A8, `QuantConfig.activations="int8"`) the layer runs on CPU through the
+    package's native kernel (`models.native`) over `qweight` when it builds, else through fbgemm's dynamic
+    quantized linear over a packed copy of its weight, which then replaces `qweight` (the state dict unpacks
+    it, checked exactly at pack time). Both give the same bits; see `_dynamic_int8_linear` for how the
+    activations are quantized."""
 
     mode = "int8"
     kernel_rows = INT8_KERNEL_ROWS
@@ -334,6 +344,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
         self.dynamic_activations = dynamic_activations
         self.fbgemm: Any = None  # fbgemm's packed weight (a torch ScriptObject), with dynamic_activations on CPU
+        # with the native kernel instead: (the kernel, float32 row scales [out], int32 row sums of qweight [out])
+        self.native: tuple[W8A8Kernel, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, dynamic_activations: bool = False) -> Int8Linear:
@@ -350,12 +362,25 @@ class Int8Linear(QuantizedLinear):
             return self.qweight
         return torch.ops.quantized.linear_unpack(self.fbgemm)[0].int_repr()
 
+    @property
+    def w8a8_kernel(self) -> str | None:
+        """Which kernel runs the layer's W8A8 calls: "native", "fbgemm", or None (it runs weight-only)."""
+        return "native" if self.native is not None else "fbgemm" if self.fbgemm is not None else None
+
     def pack_for_dynamic(self) -> None:
-        """Pack the weight for fbgemm (a no-op without `dynamic_activations`, off CPU, or when packed) and
-        drop `qweight` once the packing is checked to unpack to it and to its scales exactly."""
+        """Ready the weight for W8A8 (a no-op without `dynamic_activations`, off CPU, or when ready): the
+        native kernel's row scales and row sums next to `qweight`, or, without that kernel, fbgemm's packing,
+        which replaces `qweight` once it is checked to unpack to it and to its scales exactly."""
         weight = self.qweight
-        if (not self.dynamic_activations or self.fbgemm is not None or weight is None
+        if (not self.dynamic_activations or self.w8a8_kernel is not None or weight is None
                 or weight.device.type != "cpu" or weight.is_meta):
+            return
+        kernel = w8a8_kernel()
+        if kernel is not None:
+            self.qweight = weight.contiguous()
+            # row sums a block at a time: torch widens the whole tensor to int32 for the sum
+            sums = torch.cat([block.sum(dim=1, dtype=torch.int32) for block in weight.split(_QUANTIZE_BLOCK_ROWS)])
+            self.native = (kernel, self.scales.float().contiguous(), sums)
             return
         scales = self.scales.double()
         with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors, fbgemm's only way in
@@ -370,8 +395,14 @@ class Int8Linear(QuantizedLinear):
             logger.warning("fbgemm's packing of an int8 layer did not round-trip; it stays weight-only")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.fbgemm is not None and x.device.type == "cpu" and not self.training
+        if (self.w8a8_kernel is not None and x.device.type == "cpu" and not self.training
                 and not (x.requires_grad and torch.is_grad_enabled())):
+            if self.native is not None:
+                kernel, wscale, colsum = self.native
+                assert self.qweight is not None  # the native kernel runs on it
+                rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+                out = kernel.linear(rows, self.qweight, wscale, colsum)
+                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return _dynamic_int8_linear(x, self.fbgemm, self.out_features)
         return super().forward(x)
 
@@ -388,6 +419,7 @@ class Int8Linear(QuantizedLinear):
         # fbgemm's packing is CPU-only: moving to another device goes back to `qweight` first
         if self.fbgemm is not None and fn(torch.empty(0, dtype=torch.int8)).device.type != "cpu":
             self.qweight, self.fbgemm = self.values(), None
+        self.native = None  # made again from the moved buffers
         super()._apply(fn, recurse)
         self.pack_for_dynamic()
         return self
@@ -401,7 +433,7 @@ class Int8Linear(QuantizedLinear):
         if self.qweight is None:  # a None buffer is skipped by the default loader: give it a slot again
             self.qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8,
                                        device=self.scales.device)
-        self.fbgemm = None
+        self.fbgemm = self.native = None
         super()._load_from_state_dict(state_dict, prefix, *args)
         if self.qweight is not None and not self.qweight.is_meta:  # `assign=True` may hand over unaligned buffers
             self.qweight, self.scales = _aligned(self.qweight), _aligned(self.scales)
