@@ -119,9 +119,10 @@ class W8A8Kernel:
         """x [M, K] float32 contiguous CPU; qweight [N, K] int8, wscale [N] float32, colsum [N] int32, all
         contiguous -> [M, N] float32."""
         rows, width = x.shape
-        out = torch.empty(rows, qweight.shape[0])
+        out_features = qweight.shape[0]
+        out = torch.empty(rows, out_features)
         if rows:
-            code = self._fn(x.data_ptr(), rows, width, qweight.data_ptr(), qweight.shape[0], wscale.data_ptr(),
+            code = self._fn(x.data_ptr(), rows, width, qweight.data_ptr(), out_features, wscale.data_ptr(),
                             colsum.data_ptr(), out.data_ptr(), torch.get_num_threads() if self.threaded else 1)
             if code:
                 raise MemoryError(f"the W8A8 kernel could not allocate its {rows}x{width} work buffer")

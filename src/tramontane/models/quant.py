@@ -395,14 +395,20 @@ class Int8Linear(QuantizedLinear):
             logger.warning("fbgemm's packing of an int8 layer did not round-trip; it stays weight-only")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.w8a8_kernel is not None and x.device.type == "cpu" and not self.training
+        # a decode step makes dozens of these calls per token: the native path's checks are kept to the cheap ones
+        native = self.native
+        if (native is not None and not self.training and x.device.type == "cpu"
                 and not (x.requires_grad and torch.is_grad_enabled())):
-            if self.native is not None:
-                kernel, wscale, colsum = self.native
-                assert self.qweight is not None  # the native kernel runs on it
-                rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-                out = kernel.linear(rows, self.qweight, wscale, colsum)
-                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            kernel, wscale, colsum = native
+            rows = x.reshape(-1, self.in_features)
+            if rows.dtype != torch.float32 or not rows.is_contiguous():
+                rows = rows.to(torch.float32).contiguous()
+            out = kernel.linear(rows, self.qweight, wscale, colsum)  # type: ignore[arg-type]  # set with native
+            if x.dtype != torch.float32:
+                out = out.to(x.dtype)
+            return out.view(*x.shape[:-1], self.out_features)
+        if (self.fbgemm is not None and x.device.type == "cpu" and not self.training
+                and not (x.requires_grad and torch.is_grad_enabled())):
             return _dynamic_int8_linear(x, self.fbgemm, self.out_features)
         return super().forward(x)
 
