@@ -143,14 +143,17 @@ def test_the_running_python_works_inside(sandbox: Sandbox) -> None:
 
 def test_writes_outside_the_workspace_fail(sandbox: Sandbox, workspace: Path, tmp_path: Path) -> None:
     name = f"tramontane-probe-{secrets.token_hex(6)}"
-    read_only_targets = [Path("/etc") / name, Path("/usr") / name, Path(sys.prefix) / name, REPO_ROOT / name,
-                         Path("/") / name]
+    # a checkout under /tmp (a scratch clone) is hidden by the sandbox's own /tmp: there it is a host_tmp case
+    repo_in_tmp = Path("/tmp") in REPO_ROOT.resolve().parents
+    read_only_targets = [Path("/etc") / name, Path("/usr") / name, Path(sys.prefix) / name, Path("/") / name]
+    if not repo_in_tmp:
+        read_only_targets.append(REPO_ROOT / name)
     for target in read_only_targets:
         result = sandbox.run(f"echo x > {target}")
         assert result.exit_code != 0, (target, result.output)
         assert not target.exists(), target
     # /tmp and the workspace's parents inside the sandbox are the sandbox's own tmpfs, not the host's
-    host_tmp = [Path("/tmp") / name, tmp_path / name]
+    host_tmp = [Path("/tmp") / name, tmp_path / name] + ([REPO_ROOT / name] if repo_in_tmp else [])
     for target in host_tmp:
         sandbox.run(f"echo x > {target}")
         assert not target.exists(), target
