@@ -34,9 +34,9 @@ with the activations quantized to 8 bits on the fly, over a range this module pi
 for every row count (prefill too). The package's own kernel (`models.native`, C compiled at first use) runs it
 when it builds, else fbgemm's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`); the
 two give bit-identical results, the native one with less overhead per call. Each row's range is fixed by its own
-largest value (`_dynamic_int8_linear`), so results do not depend on the batch. It exists because torch's weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC
-one decode row through it cost about what the float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128
-rows (the 32768-row head 2.6x at one row).
+largest value (`_dynamic_int8_linear`), so results do not depend on the batch. It exists because torch's
+weight-only int8 kernel has no AVX2 code: on an AVX2-only EPYC one decode row through it cost about what the
+float32 matmul costs, and fbgemm's ran 2-4x faster at 1, 16 and 128 rows (the 32768-row head 2.6x at one row).
 Activations lose precision too (7 bits, over a range up to 1.41x the row's largest value): on the random
 checkpoints of the suite the top-1 agreement with float32 stays at the int8 gate, but checkpoints with outlier
 activation channels (large LLMs, as LLM.int8() and SmoothQuant describe) can lose more than that; weight-only int8
@@ -85,8 +85,9 @@ SCALE_DTYPE = torch.bfloat16  # the kernels' scale dtype; stored so, so kernel a
 # Rows per call up to which the fused kernel beats dequantize + dense bf16 matmul (measured on an AVX-512 EPYC:
 # int8 breaks even between 16 and 32 rows, int4 between 64 and 128).
 INT8_KERNEL_ROWS = 16
-_QUANTIZE_BLOCK_ROWS = 1024
 INT4_KERNEL_ROWS = 64
+# rows quantized (and summed) per block at load: the float and int32 temporaries stay small next to the head
+_QUANTIZE_BLOCK_ROWS = 1024
 
 _M = TypeVar("_M", bound=nn.Module)
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -395,10 +396,12 @@ class Int8Linear(QuantizedLinear):
             logger.warning("fbgemm's packing of an int8 layer did not round-trip; it stays weight-only")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step makes dozens of these calls per token: the native path's checks are kept to the cheap ones
+        # a decode step makes dozens of these calls per token: the W8A8 path's checks are kept to the cheap ones
         native = self.native
-        if (native is not None and not self.training and x.device.type == "cpu"
+        if ((native is not None or self.fbgemm is not None) and not self.training and x.device.type == "cpu"
                 and not (x.requires_grad and torch.is_grad_enabled())):
+            if native is None:
+                return _dynamic_int8_linear(x, self.fbgemm, self.out_features)
             kernel, wscale, colsum = native
             rows = x.reshape(-1, self.in_features)
             if rows.dtype != torch.float32 or not rows.is_contiguous():
@@ -407,9 +410,6 @@ class Int8Linear(QuantizedLinear):
             if x.dtype != torch.float32:
                 out = out.to(x.dtype)
             return out.view(*x.shape[:-1], self.out_features)
-        if (self.fbgemm is not None and x.device.type == "cpu" and not self.training
-                and not (x.requires_grad and torch.is_grad_enabled())):
-            return _dynamic_int8_linear(x, self.fbgemm, self.out_features)
         return super().forward(x)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
