@@ -2,13 +2,15 @@
 ~100M random Mistral checkpoint with `--quantize w8a8` (what BENCHMARKS.md's "torch.compile, tried" reports):
 
 1. A static-shape decode step compiled whole (`torch.compile(fullgraph=True, dynamic=False)`): the rolling cache
-   is attended in full under a mask, so no shape changes between tokens. Dynamo cannot trace fbgemm's packed
-   weight (a TorchScript object), so each W8A8 linear enters the graph as a custom op wrapping
-   `models.quant._dynamic_int8_linear`; everything else (norms, RoPE, attention, residuals) is compiled.
+   is attended in full under a mask, so no shape changes between tokens. Dynamo cannot trace either W8A8 kernel
+   (fbgemm's packed weight is a TorchScript object, the native kernel a ctypes call), so each W8A8 linear enters
+   the graph as a custom op that runs the layer as eager code would; everything else (norms, RoPE, attention,
+   residuals) is compiled.
    Measured against eager `generation.generate` (what `tramontane generate` runs), interleaved rounds, decode
    tokens/s from the time of 64 generated tokens minus that of 1 (the prefill cancels).
 2. Inductor's own code for an int8 weight times one float row (`(x * w.float()).sum(-1) * scales`, which it can
-   fuse, unlike `F.linear` on a dequantized weight), against float32 `F.linear` and fbgemm's W8A8 call.
+   fuse, unlike `F.linear` on a dequantized weight), against float32 `F.linear` and the W8A8 layer (the native
+   kernel where it builds, else fbgemm's).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compiled_decode.py [--threads 2] [--rounds 3]
 
@@ -37,17 +39,17 @@ from tramontane.generation import SamplingParams, generate  # noqa: E402
 from tramontane.models.cache import KVCache  # noqa: E402
 from tramontane.models.checkpoint import load_model  # noqa: E402
 from tramontane.models.cpu_linear import prepack_for_inference  # noqa: E402
-from tramontane.models.quant import Int8Linear, QuantConfig, _dynamic_int8_linear  # noqa: E402
+from tramontane.models.quant import Int8Linear, QuantConfig  # noqa: E402
 from tramontane.models.rope import apply_rotary, rotary_angles  # noqa: E402
 from tramontane.models.transformer import Transformer  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 512, 64
-_PACKED: dict[int, object] = {}  # custom-op handle -> fbgemm's packed weight
+_LAYERS: dict[int, Int8Linear] = {}  # custom-op handle -> the W8A8 layer it runs
 
 
 @torch.library.custom_op("tramontane_bench::w8a8_linear", mutates_args=())
 def w8a8_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    return _dynamic_int8_linear(x, _PACKED[handle], out_features)
+    return _LAYERS[handle](x)
 
 
 @w8a8_linear.register_fake
@@ -56,7 +58,7 @@ def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
 
 
 def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if id(module) in _PACKED:
+    if id(module) in _LAYERS:
         return w8a8_linear(x, id(module), module.out_features)
     return module(x)
 
@@ -68,7 +70,7 @@ def static_step(model: Transformer, size: int) -> Callable[..., tuple[torch.Tens
     heads, kv_heads, head_dim = args.n_heads, args.n_kv_heads, args.head_dim
     inv_freq = model.inverse_frequencies(torch.device("cpu"))
     # registered before tracing: dynamo replays a traced function's side effects only after its graph runs
-    _PACKED.update({id(m): m.fbgemm for m in model.modules() if isinstance(m, Int8Linear) and m.fbgemm is not None})
+    _LAYERS.update({id(m): m for m in model.modules() if isinstance(m, Int8Linear) and m.w8a8_kernel is not None})
 
     def step(token: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
              slot_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +137,7 @@ def per_call_us(fn: Callable[[], object], calls: int = 200, rounds: int = 9) -> 
 
 
 def gemv_probe(out_features: int = 2560, in_features: int = 768) -> dict[str, float]:
-    """One row through one layer, microseconds per call: inductor's int8 code, fp32 F.linear, fbgemm W8A8."""
+    """One row through one layer, microseconds per call: inductor's int8 code, fp32 F.linear, the W8A8 layer."""
     torch.manual_seed(0)
     dense = torch.nn.Linear(in_features, out_features, bias=False).eval()
     quantized = Int8Linear.from_float(dense, dynamic_activations=True).eval()
@@ -149,7 +151,12 @@ def gemv_probe(out_features: int = 2560, in_features: int = 768) -> dict[str, fl
     compiled(x, weight, scales)
     return {"inductor int8": per_call_us(lambda: compiled(x, weight, scales)),
             "fp32 F.linear": per_call_us(lambda: dense(x)),
-            "fbgemm W8A8": per_call_us(lambda: quantized(x))}
+            "W8A8 layer": per_call_us(lambda: quantized(x))}
+
+
+def quantized_kernel() -> str | None:
+    """Which kernel the W8A8 layers of this run used (`Int8Linear.w8a8_kernel`)."""
+    return next(iter({m.w8a8_kernel for m in _LAYERS.values()}), None)
 
 
 def main() -> None:
@@ -186,7 +193,8 @@ def main() -> None:
         "compiled_vs_eager_w8a8_decode": round(statistics.median(compiled_rates) / statistics.median(eager_rates), 3),
         "compiled_tokens_agree": min(agree),
         "inductor_int8_gemv_vs_fp32_linear": round(gemv["fp32 F.linear"] / gemv["inductor int8"], 3),
-        "inductor_int8_gemv_vs_fbgemm_w8a8": round(gemv["fbgemm W8A8"] / gemv["inductor int8"], 3),
+        "inductor_int8_gemv_vs_w8a8_layer": round(gemv["W8A8 layer"] / gemv["inductor int8"], 3),
+        "w8a8_kernel": quantized_kernel(),
     }))
 
 
